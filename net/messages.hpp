@@ -1,0 +1,214 @@
+// Plain C++ mirrors of the wire schema (net/fedmoe.capnp). Actors and the model layer work with these
+// structs; net/codec converts them to and from Cap'n Proto. No torch here: a tensor is bytes + dtype + shape.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <variant>
+#include <vector>
+
+namespace fedmoe::net {
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "fedmoe's wire tensors are little-endian");
+
+enum class Role : uint8_t { unknown, coordinator, worker, shard, router, sim, client };
+enum class DeviceKind : uint8_t { unknown, cpu, cuda };
+enum class DType : uint8_t { f32, f16, bf16 };
+enum class RejectReason : uint8_t {
+  unknown, too_stale, non_finite, shape_mismatch, unknown_expert, duplicate_update, malformed,
+  not_replica, overloaded
+};
+
+const char* to_string(Role r);
+const char* to_string(DeviceKind d);
+const char* to_string(DType d);
+const char* to_string(RejectReason r);
+size_t dtype_size(DType d);
+
+// A read-only view of tensor bytes, kept alive by `owner` (a decoded message buffer, a std::vector
+// the producer handed over, a torch tensor's storage...). Encoding references `data` without copying.
+struct Tensor {
+  std::string name;
+  DType dtype = DType::f32;
+  std::vector<uint64_t> shape;
+  const std::byte* data = nullptr;
+  size_t size_bytes = 0;
+  std::shared_ptr<const void> owner;
+
+  uint64_t numel() const;
+  // Owns a copy-free move of `bytes`; bytes.size() must equal numel * dtype_size.
+  static Tensor owning(std::string name, DType dtype, std::vector<uint64_t> shape,
+                       std::vector<std::byte> bytes);
+};
+
+// --- membership
+struct Hello {
+  std::string node_id;
+  Role role = Role::unknown;
+  DeviceKind device = DeviceKind::unknown;
+  std::string device_name;
+  double declared_speed = 1.0;
+  double measured_speed = 0.0;
+  std::string endpoint;
+  uint32_t protocol_version = 1;
+};
+struct HelloAck {
+  bool accepted = false;
+  uint64_t lease_ms = 0;
+  std::string reason;
+  std::string coordinator_id;
+};
+struct Heartbeat {
+  std::string node_id;
+  uint64_t seq = 0;
+  float load = 0;
+  double measured_speed = 0;
+};
+struct Leave {
+  std::string node_id;
+  std::string reason;
+};
+
+// --- experts
+struct ExpertSpec {
+  std::string expert_id;
+  std::string domain;
+  uint32_t lora_rank = 16;
+  float lora_alpha = 32;
+  float lora_dropout = 0;
+  std::vector<std::string> target_modules;
+  std::string base_model_id;
+  bool use_rslora = false;
+};
+struct SnapshotRequest {
+  std::string expert_id;
+  uint64_t min_version = 0;
+};
+struct ExpertSnapshot {
+  ExpertSpec spec;
+  uint64_t version = 0;
+  std::vector<Tensor> tensors;
+};
+struct SnapshotReceipt {
+  std::string expert_id;
+  uint64_t version = 0;
+  uint32_t tensor_count = 0;
+  uint64_t byte_count = 0;
+  uint64_t checksum = 0;
+};
+
+// --- updates
+struct UpdatePush {
+  std::string expert_id;
+  std::string worker_id;
+  std::string update_id;
+  uint64_t base_version = 0;
+  uint64_t sample_count = 0;
+  float train_loss = 0;
+  std::vector<Tensor> deltas;
+  uint32_t local_steps = 0;
+  double compute_seconds = 0;
+};
+struct UpdateAck {
+  std::string expert_id;
+  std::string update_id;
+  uint64_t new_version = 0;
+  uint64_t staleness = 0;
+  double weight = 0;
+};
+struct UpdateReject {
+  std::string expert_id;
+  std::string update_id;
+  RejectReason reason = RejectReason::unknown;
+  std::string detail;
+  uint64_t current_version = 0;
+};
+
+// --- placement
+struct Replica {
+  std::string shard_id;
+  std::string endpoint;
+  uint64_t version = 0;
+  bool alive = false;
+};
+struct ExpertPlacement {
+  std::string expert_id;
+  std::vector<Replica> replicas;
+};
+struct PlacementMap {
+  uint64_t epoch = 0;
+  std::vector<ExpertPlacement> placements;
+};
+
+// --- inference
+struct ExpertRef {
+  std::string expert_id;
+  uint64_t version = 0;
+};
+struct RouteRequest {
+  uint64_t request_id = 0;
+  std::string prompt;
+  uint32_t max_experts = 1;
+};
+struct RouteChoice {
+  std::string expert_id;
+  uint64_t version = 0;
+  float score = 0;
+  std::string shard_id;
+};
+struct RouteReply {
+  uint64_t request_id = 0;
+  std::vector<RouteChoice> choices;
+};
+struct GenerateRequest {
+  uint64_t request_id = 0;
+  std::string prompt;
+  std::vector<ExpertRef> experts;
+  uint32_t max_new_tokens = 64;
+  float temperature = 0;
+  uint32_t top_k = 0;
+  float top_p = 1;
+  uint64_t seed = 0;
+  bool stream = false;
+};
+struct GenerateReply {
+  uint64_t request_id = 0;
+  std::string text;
+  std::vector<ExpertRef> experts;
+  bool done = true;
+  std::string error;
+};
+
+// --- status and errors
+struct StatusRequest {
+  uint64_t request_id = 0;
+  bool verbose = false;
+};
+struct StatusReply {
+  uint64_t request_id = 0;
+  std::string node_id;
+  Role role = Role::unknown;
+  std::string json;
+};
+struct ErrorReply {
+  std::string code;
+  std::string detail;
+};
+
+// The order of alternatives is the order of the schema's `Envelope.body` union.
+using Body = std::variant<Hello, HelloAck, Heartbeat, Leave, ExpertSpec, SnapshotRequest, ExpertSnapshot,
+                          SnapshotReceipt, UpdatePush, UpdateAck, UpdateReject, PlacementMap, RouteRequest,
+                          RouteReply, GenerateRequest, GenerateReply, StatusRequest, StatusReply, ErrorReply>;
+
+struct Message {
+  std::string sender_id;
+  uint64_t correlation_id = 0;
+  int64_t sent_at_unix_ms = 0;
+  Body body;
+};
+
+const char* body_name(const Body& b);
+
+}  // namespace fedmoe::net

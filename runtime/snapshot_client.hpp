@@ -1,0 +1,43 @@
+// Blocking client calls against an expert shard: push a snapshot and check the shard's receipt, pull a
+// snapshot back. Used by `fedmoe-node push`, the wire benchmark and the tests.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include <caf/actor.hpp>
+
+#include "net/messages.hpp"
+#include "runtime/node_system.hpp"
+
+namespace fedmoe::runtime {
+
+struct PushResult {
+  bool ok = false;
+  std::string error;            // why not ok: timeout, the shard's error reply, checksum mismatch...
+  net::SnapshotReceipt receipt;
+  uint64_t local_checksum = 0;
+  double seconds = 0;           // from encoding to the receipt
+};
+
+PushResult push_snapshot(NodeSystem& node, const caf::actor& shard, const net::ExpertSnapshot& snapshot,
+                         std::chrono::milliseconds timeout);
+
+struct PullResult {
+  bool ok = false;
+  std::string error;
+  net::ExpertSnapshot snapshot;  // tensors point into the received buffer
+  uint64_t checksum = 0;         // computed here over what arrived
+  double seconds = 0;
+};
+
+PullResult pull_snapshot(NodeSystem& node, const caf::actor& shard, const std::string& expert_id,
+                         uint64_t min_version, std::chrono::milliseconds timeout);
+
+// The shard's status document (JSON text), or nullopt with `error` set.
+std::optional<std::string> node_status(NodeSystem& node, const caf::actor& target, std::chrono::milliseconds timeout,
+                                       std::string* error);
+
+}  // namespace fedmoe::runtime

@@ -1,0 +1,145 @@
+// Real fedmoe-node processes on 127.0.0.1: a shard publishes its actor, another process pushes a
+// 64 MiB expert snapshot and pulls it back; hostile clients cannot crash or wedge the shard.
+#include <catch2/catch.hpp>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <random>
+#include <regex>
+
+#include "process_util.hpp"
+
+using fedmoe::testing::Child;
+using fedmoe::testing::run;
+using namespace std::chrono_literals;
+
+namespace {
+
+const std::string kNode = FEDMOE_NODE_BIN;
+
+struct Shard {
+  std::unique_ptr<Child> process;
+  uint16_t port = 0;
+  uint16_t bulk_port = 0;
+};
+
+Shard start_shard(const std::string& id) {
+  Shard s;
+  s.process = std::make_unique<Child>(std::vector<std::string>{kNode, "--role", "shard", "--listen", "127.0.0.1:0",
+                                                               "--node-id", id});
+  auto line = s.process->wait_for_line("listening on", 30s);
+  INFO(s.process->output());
+  REQUIRE(line);
+  std::smatch m;
+  REQUIRE(std::regex_search(*line, m, std::regex(R"(listening on 127\.0\.0\.1:(\d+) \(bulk channel port (\d+)\))")));
+  s.port = static_cast<uint16_t>(std::stoi(m[1]));
+  s.bulk_port = static_cast<uint16_t>(std::stoi(m[2]));
+  return s;
+}
+
+int connect_to(uint16_t port) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(port);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+void send_garbage(int fd, size_t bytes, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<char> junk(bytes);
+  for (auto& c : junk) c = static_cast<char>(rng());
+  size_t off = 0;
+  while (off < junk.size()) {
+    ssize_t n = ::send(fd, junk.data() + off, junk.size() - off, MSG_NOSIGNAL);
+    if (n <= 0) break;  // the node may hang up on us: that is fine
+    off += static_cast<size_t>(n);
+  }
+}
+
+std::string endpoint(uint16_t port) { return "127.0.0.1:" + std::to_string(port); }
+
+}  // namespace
+
+TEST_CASE("two processes exchange a 64 MiB expert snapshot with verified checksums", "[process]") {
+  auto shard = start_shard("shard-1");
+  auto [status, out] = run({kNode, "push", "--to", endpoint(shard.port), "--expert", "python", "--size-mib", "64",
+                            "--pull-back"},
+                           120s);
+  INFO(out);
+  REQUIRE(status == 0);
+  std::smatch m;
+  REQUIRE(std::regex_search(out, m, std::regex(R"(pushed expert 'python' v1 .*: (\d+) tensors, ([\d.]+) MB .*shard checksum ([0-9a-f]{16}) verified)")));
+  CHECK(std::stod(m[2]) >= 64 * 1.048576);
+  CHECK(std::regex_search(out, std::regex("pulled expert 'python' v1 back: " + std::string(m[1]) +
+                                          " tensors .*checksum " + std::string(m[3]) + " verified")));
+
+  auto [st, json] = run({kNode, "status", "--coordinator", endpoint(shard.port)}, 30s);
+  INFO(json);
+  REQUIRE(st == 0);
+  CHECK_THAT(json, Catch::Contains("\"expert_id\":\"python\""));
+  CHECK_THAT(json, Catch::Contains("\"snapshots_received\":1"));
+  CHECK_THAT(json, Catch::Contains("\"pulls_served\":1"));
+
+  shard.process->signal(SIGTERM);
+  CHECK(shard.process->wait(30s) == 0);  // clean shutdown
+}
+
+TEST_CASE("garbage on the node's ports neither crashes nor wedges it", "[process]") {
+  auto shard = start_shard("shard-2");
+
+  // 1. Random bytes on the CAF port, then hang up.
+  for (uint64_t seed = 1; seed <= 5; ++seed) {
+    int fd = connect_to(shard.port);
+    REQUIRE(fd >= 0);
+    send_garbage(fd, 64 << 10, seed);
+    ::close(fd);
+  }
+  // 2. A client that sends a few bytes and then just sits on its connection.
+  int squatter = connect_to(shard.port);
+  REQUIRE(squatter >= 0);
+  send_garbage(squatter, 7, 99);
+  // 3. Random bytes on the bulk channel, and a half-sent request left open.
+  for (uint64_t seed = 10; seed < 13; ++seed) {
+    int fd = connect_to(shard.bulk_port);
+    REQUIRE(fd >= 0);
+    send_garbage(fd, 1 << 20, seed);
+    ::close(fd);
+  }
+  int bulk_squatter = connect_to(shard.bulk_port);
+  REQUIRE(bulk_squatter >= 0);
+  send_garbage(bulk_squatter, 5, 7);
+
+  REQUIRE(shard.process->alive());
+  // The next honest client is served, bulk path included.
+  auto [status, out] = run({kNode, "push", "--to", endpoint(shard.port), "--expert", "sql", "--size-mib", "16",
+                            "--pull-back", "--timeout-ms", "60000"},
+                           90s);
+  INFO(out);
+  CHECK(status == 0);
+  CHECK_THAT(out, Catch::Contains("verified"));
+  CHECK(shard.process->alive());
+  ::close(squatter);
+  ::close(bulk_squatter);
+  shard.process->signal(SIGTERM);
+  CHECK(shard.process->wait(30s) == 0);
+}
+
+TEST_CASE("fedmoe-node rejects bad command lines with a clear message", "[process]") {
+  auto [s1, o1] = run({kNode, "--role", "shard", "--listen", "nonsense"}, 30s);
+  CHECK(s1 != 0);
+  CHECK_THAT(o1, Catch::Contains("bad endpoint 'nonsense'"));
+  auto [s2, o2] = run({kNode, "--role", "pilot"}, 30s);
+  CHECK(s2 != 0);
+  CHECK_THAT(o2, Catch::Contains("--role"));
+  auto [s3, o3] = run({kNode, "push", "--to", "127.0.0.1:1", "--size-mib", "1"}, 60s);
+  CHECK(s3 != 0);
+  CHECK_THAT(o3, Catch::Contains("cannot reach a fedmoe node at 127.0.0.1:1"));
+}
