@@ -5,6 +5,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 #include <utility>
@@ -66,6 +67,7 @@ struct BulkServer::Impl {
   std::map<Token, Entry> staged;
   std::random_device entropy;  // tokens must be unguessable: /dev/urandom, not a seeded PRNG
   std::atomic<uint64_t> fetched{0};
+  std::atomic<uint64_t> accepted{0};
 
   explicit Impl(Options o) : options(std::move(o)) {
     if (options.advertise_host.empty()) options.advertise_host = options.bind_host;
@@ -121,7 +123,8 @@ struct BulkServer::Impl {
 
 namespace {
 
-// One fetch, served: read the request, write the staged message, wait for the receiver's ack.
+// One connection, served: requests one after another, each answered with the staged message, until
+// the client hangs up or stays idle for options.idle_timeout.
 class ServerSession : public std::enable_shared_from_this<ServerSession> {
  public:
   ServerSession(tcp::socket socket, BulkServer::Impl* server)
@@ -129,7 +132,12 @@ class ServerSession : public std::enable_shared_from_this<ServerSession> {
 
   void start() {
     tune(socket_);
-    arm(std::chrono::milliseconds(30'000));
+    read_request();
+  }
+
+ private:
+  void read_request() {
+    arm(std::chrono::duration_cast<std::chrono::milliseconds>(server_->options.idle_timeout));
     auto self = shared_from_this();
     asio::async_read(socket_, asio::buffer(request_), [self](boost::system::error_code ec, size_t) {
       if (!ec) self->on_request();
@@ -137,11 +145,11 @@ class ServerSession : public std::enable_shared_from_this<ServerSession> {
     });
   }
 
- private:
+  // One deadline per phase: an idle, slow or vanished client loses its connection, never the server.
   void arm(std::chrono::milliseconds d) {
     deadline_.expires_after(d);
     deadline_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
-      if (!ec) self->close();  // timed out: the peer is too slow or gone
+      if (!ec) self->close();
     });
   }
 
@@ -156,25 +164,56 @@ class ServerSession : public std::enable_shared_from_this<ServerSession> {
     token_ = {get_u64(request_.data() + 8), get_u64(request_.data() + 16)};
     message_ = server_->find(token_);
     auto self = shared_from_this();
-    if (!message_) {
-      std::memcpy(head_.data(), kNoMagic, 8);
-      put_u64(head_.data() + 8, 0);
-      asio::async_write(socket_, asio::buffer(head_), [self](boost::system::error_code, size_t) { self->close(); });
+    std::vector<asio::const_buffer> out;
+    std::memcpy(head_.data(), message_ ? kOkMagic : kNoMagic, 8);
+    put_u64(head_.data() + 8, message_ ? message_->size_bytes() : 0);
+    out.emplace_back(asio::buffer(head_));
+    if (!message_) {  // unknown ticket: say so, and stay ready for the next request
+      asio::async_write(socket_, out, [self](boost::system::error_code ec, size_t) {
+        if (ec) return self->close();
+        self->read_request();
+      });
       return;
     }
-    std::memcpy(head_.data(), kOkMagic, 8);
-    put_u64(head_.data() + 8, message_->size_bytes());
-    std::vector<asio::const_buffer> out;
-    out.reserve(message_->pieces().size() + 1);
-    out.emplace_back(asio::buffer(head_));
-    for (const auto& p : message_->pieces()) out.emplace_back(p.data, p.size);
+    out_ = std::move(out);
+    for (const auto& p : message_->pieces()) out_.emplace_back(p.data, p.size);
+    written_ = 0;
+    total_ = asio::buffer_size(out_);
     arm(transfer_deadline(message_->size_bytes()));
-    asio::async_write(socket_, out, [self](boost::system::error_code ec, size_t) {
+    write_more();
+  }
+
+  // asio::async_write hands the kernel at most 64 KiB per call; a bulk message wants the opposite:
+  // as much as the socket takes in each call, so that the sender does not wake up every 64 KiB.
+  void write_more() {
+    if (written_ == total_) return wait_for_ack();
+    std::vector<asio::const_buffer> rest;
+    size_t skip = written_;
+    for (const auto& b : out_) {
+      if (skip >= b.size()) {
+        skip -= b.size();
+        continue;
+      }
+      rest.push_back(b + skip);
+      skip = 0;
+      if (rest.size() == 64) break;  // well under IOV_MAX; the next call continues from there
+    }
+    auto self = shared_from_this();
+    socket_.async_write_some(rest, [self](boost::system::error_code ec, size_t n) {
       if (ec) return self->close();
-      asio::async_read(self->socket_, asio::buffer(self->ack_), [self](boost::system::error_code ec, size_t) {
-        if (!ec && std::memcmp(self->ack_.data(), kAckMagic, 8) == 0) self->server_->forget(self->token_);
-        self->close();
-      });
+      self->written_ += n;
+      self->write_more();
+    });
+  }
+
+  void wait_for_ack() {
+    auto self = shared_from_this();
+    asio::async_read(socket_, asio::buffer(ack_), [self](boost::system::error_code ec, size_t) {
+      if (ec || std::memcmp(self->ack_.data(), kAckMagic, 8) != 0) return self->close();
+      self->server_->forget(self->token_);
+      self->message_.reset();
+      self->out_.clear();
+      self->read_request();
     });
   }
 
@@ -186,6 +225,8 @@ class ServerSession : public std::enable_shared_from_this<ServerSession> {
   std::array<char, 8> ack_{};
   Token token_{};
   std::shared_ptr<const Encoded> message_;
+  std::vector<asio::const_buffer> out_;  // header + the message's pieces
+  size_t written_ = 0, total_ = 0;
 };
 
 }  // namespace
@@ -194,7 +235,10 @@ void BulkServer::Impl::accept() {
   // Each accepted socket gets its own strand: its timer and its I/O handlers never race.
   acceptor.async_accept(asio::make_strand(io), [this](boost::system::error_code ec, tcp::socket socket) {
     if (ec == asio::error::operation_aborted) return;
-    if (!ec) std::make_shared<ServerSession>(std::move(socket), this)->start();
+    if (!ec) {
+      ++accepted;
+      std::make_shared<ServerSession>(std::move(socket), this)->start();
+    }
     accept();
   });
 }
@@ -225,6 +269,8 @@ size_t BulkServer::staged_count() const {
 
 uint64_t BulkServer::fetched_count() const { return impl_->fetched.load(); }
 
+uint64_t BulkServer::connections_accepted() const { return impl_->accepted.load(); }
+
 // --------------------------------------------------------------------------------------------------
 // Client
 
@@ -232,15 +278,32 @@ struct BulkClient::Impl {
   Options options;
   asio::io_context io;
   asio::executor_work_guard<asio::io_context::executor_type> work{io.get_executor()};
-  std::vector<std::thread> threads;
+  // Kept-alive connections by "host:port". Touched only on the I/O thread, like everything else here.
+  std::map<std::string, std::vector<tcp::socket>> idle;
+  std::atomic<size_t> idle_count{0};
+  std::thread thread;
 
-  explicit Impl(Options o) : options(o) {
-    for (int i = 0; i < std::max(1, options.threads); ++i) threads.emplace_back([this] { io.run(); });
-  }
+  explicit Impl(Options o) : options(o), thread([this] { io.run(); }) {}
   ~Impl() {
     work.reset();
     io.stop();
-    for (auto& t : threads) t.join();
+    thread.join();
+  }
+
+  std::optional<tcp::socket> take_idle(const std::string& key) {
+    auto it = idle.find(key);
+    if (it == idle.end() || it->second.empty()) return std::nullopt;
+    tcp::socket s = std::move(it->second.back());
+    it->second.pop_back();
+    --idle_count;
+    return s;
+  }
+
+  void keep_idle(const std::string& key, tcp::socket s) {
+    auto& list = idle[key];
+    if (list.size() >= options.max_idle_per_sender) return;  // closes `s`
+    list.push_back(std::move(s));
+    ++idle_count;
   }
 };
 
@@ -248,19 +311,27 @@ namespace {
 
 class FetchOp : public std::enable_shared_from_this<FetchOp> {
  public:
-  FetchOp(asio::io_context& io, const BulkClient::Options& options, BulkTicket ticket, BulkClient::Callback done)
-      : strand_(asio::make_strand(io)), options_(options), ticket_(std::move(ticket)), done_(std::move(done)),
-        socket_(strand_), resolver_(strand_), watchdog_(strand_) {}
+  FetchOp(BulkClient::Impl* client, BulkTicket ticket, BulkClient::Callback done)
+      : client_(client), options_(client->options), ticket_(std::move(ticket)), done_(std::move(done)),
+        socket_(client->io), resolver_(client->io), watchdog_(client->io) {}
 
-  void start_on_strand() {
-    asio::post(strand_, [self = shared_from_this()] { self->start(); });
-  }
-
- private:
   void start() {
     last_progress_ = Clock::now();
     phase_timeout_ = options_.connect_timeout;
     watch();
+    if (auto pooled = client_->take_idle(key())) {
+      socket_ = std::move(*pooled);
+      reused_ = true;
+      return send_request();
+    }
+    connect();
+  }
+
+ private:
+  std::string key() const { return ticket_.host + ":" + std::to_string(ticket_.port); }
+  std::string where() const { return "bulk sender " + key(); }
+
+  void connect() {
     auto self = shared_from_this();
     resolver_.async_resolve(ticket_.host, std::to_string(ticket_.port),
                             [self](boost::system::error_code ec, tcp::resolver::results_type results) {
@@ -268,12 +339,25 @@ class FetchOp : public std::enable_shared_from_this<FetchOp> {
                               asio::async_connect(self->socket_, results,
                                                   [self](boost::system::error_code ec, const tcp::endpoint&) {
                                                     if (ec) return self->fail("cannot connect to " + self->where() + ": " + ec.message());
+                                                    tune(self->socket_);
                                                     self->send_request();
                                                   });
                             });
   }
 
-  std::string where() const { return "bulk sender " + ticket_.host + ":" + std::to_string(ticket_.port); }
+  // A kept-alive connection may have been closed by the sender meanwhile (idle timeout, restart):
+  // before any answer arrived, that is no failure of the fetch; try once more on a new connection.
+  bool retry_fresh() {
+    if (!reused_) return false;
+    reused_ = false;
+    boost::system::error_code ignored;
+    socket_.close(ignored);
+    socket_ = tcp::socket(client_->io);
+    progress();
+    phase_timeout_ = options_.connect_timeout;
+    connect();
+    return true;
+  }
 
   // Fails the fetch when no byte arrived for a whole phase timeout (dead or wedged sender).
   void watch() {
@@ -290,7 +374,6 @@ class FetchOp : public std::enable_shared_from_this<FetchOp> {
   void progress() { last_progress_ = Clock::now(); }
 
   void send_request() {
-    tune(socket_);
     progress();
     phase_timeout_ = options_.idle_timeout;
     std::memcpy(request_.data(), kRequestMagic, 8);
@@ -298,9 +381,15 @@ class FetchOp : public std::enable_shared_from_this<FetchOp> {
     put_u64(request_.data() + 16, ticket_.token_lo);
     auto self = shared_from_this();
     asio::async_write(socket_, asio::buffer(request_), [self](boost::system::error_code ec, size_t) {
-      if (ec) return self->fail("cannot send request to " + self->where() + ": " + ec.message());
+      if (ec) {
+        if (self->retry_fresh()) return;
+        return self->fail("cannot send request to " + self->where() + ": " + ec.message());
+      }
       asio::async_read(self->socket_, asio::buffer(self->head_), [self](boost::system::error_code ec, size_t) {
-        if (ec) return self->fail("no answer from " + self->where() + ": " + ec.message());
+        if (ec) {
+          if (self->retry_fresh()) return;
+          return self->fail("no answer from " + self->where() + ": " + ec.message());
+        }
         self->on_head();
       });
     });
@@ -308,8 +397,10 @@ class FetchOp : public std::enable_shared_from_this<FetchOp> {
 
   void on_head() {
     progress();
-    if (std::memcmp(head_.data(), kNoMagic, 8) == 0)
+    if (std::memcmp(head_.data(), kNoMagic, 8) == 0) {
+      keep_connection();
       return fail(where() + " does not know this ticket (expired, already fetched, or never staged)");
+    }
     if (std::memcmp(head_.data(), kOkMagic, 8) != 0) return fail(where() + " answered with a bad header");
     uint64_t size = get_u64(head_.data() + 8);
     if (size != ticket_.size)
@@ -340,10 +431,15 @@ class FetchOp : public std::enable_shared_from_this<FetchOp> {
   void send_ack() {
     std::memcpy(ack_.data(), kAckMagic, 8);
     auto self = shared_from_this();
-    asio::async_write(socket_, asio::buffer(ack_), [self](boost::system::error_code, size_t) {
+    asio::async_write(socket_, asio::buffer(ack_), [self](boost::system::error_code ec, size_t) {
       // The bytes are complete whatever happens to the ack: a lost ack only lets the ticket expire.
+      if (!ec) self->keep_connection();
       self->succeed();
     });
+  }
+
+  void keep_connection() {
+    if (socket_.is_open()) client_->keep_idle(key(), std::move(socket_));
   }
 
   void succeed() {
@@ -360,13 +456,12 @@ class FetchOp : public std::enable_shared_from_this<FetchOp> {
 
   void shutdown() {
     boost::system::error_code ignored;
-    socket_.close(ignored);
+    if (socket_.is_open()) socket_.close(ignored);
     resolver_.cancel();
     watchdog_.cancel();
   }
 
-  // Every handler of this fetch runs on one strand: the watchdog and the socket never race.
-  asio::strand<asio::io_context::executor_type> strand_;
+  BulkClient::Impl* client_;
   BulkClient::Options options_;
   BulkTicket ticket_;
   BulkClient::Callback done_;
@@ -380,6 +475,7 @@ class FetchOp : public std::enable_shared_from_this<FetchOp> {
   uint64_t received_ = 0;
   Clock::time_point last_progress_;
   std::chrono::milliseconds phase_timeout_{0};
+  bool reused_ = false;
   bool finished_ = false;
 };
 
@@ -389,8 +485,10 @@ BulkClient::BulkClient(Options options) : impl_(std::make_unique<Impl>(options))
 BulkClient::~BulkClient() = default;
 
 void BulkClient::fetch(const BulkTicket& ticket, Callback done) {
-  auto op = std::make_shared<FetchOp>(impl_->io, impl_->options, ticket, std::move(done));
-  op->start_on_strand();
+  auto op = std::make_shared<FetchOp>(impl_.get(), ticket, std::move(done));
+  asio::post(impl_->io, [op] { op->start(); });
 }
+
+size_t BulkClient::idle_connections() const { return impl_->idle_count.load(); }
 
 }  // namespace fedmoe::net

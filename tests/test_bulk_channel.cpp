@@ -12,6 +12,7 @@
 #include <future>
 #include <mutex>
 #include <random>
+#include <thread>
 
 #include "net/bulk_channel.hpp"
 #include "net/checksum.hpp"
@@ -92,9 +93,7 @@ TEST_CASE("tickets are random and a guessed token is refused", "[bulk]") {
 
 TEST_CASE("many concurrent fetches all arrive intact", "[bulk]") {
   BulkServer server({});
-  BulkClient::Options co;
-  co.threads = 2;
-  BulkClient client(co);
+  BulkClient client({});
   std::vector<std::shared_ptr<Buffer>> expected;
   std::vector<BulkTicket> tickets;
   for (int i = 0; i < 16; ++i) {
@@ -122,6 +121,27 @@ TEST_CASE("many concurrent fetches all arrive intact", "[bulk]") {
     CHECK(checksum(outcomes[i].bytes->data(), outcomes[i].bytes->size()) ==
           checksum(expected[i]->data(), expected[i]->size()));
   }
+}
+
+TEST_CASE("consecutive fetches from one sender reuse the connection, and survive its loss", "[bulk]") {
+  BulkServer::Options so;
+  so.idle_timeout = std::chrono::seconds(1);
+  BulkServer server(so);
+  BulkClient client({});
+  for (int i = 0; i < 3; ++i) {
+    auto e = std::make_shared<const Encoded>(encode(snapshot_of(256 << 10, 40 + i)));
+    auto got = fetch_sync(client, server.stage(e));
+    REQUIRE(got.error.empty());
+    CHECK(got.bytes->size() == e->size_bytes());
+  }
+  CHECK(server.connections_accepted() == 1);
+  CHECK(client.idle_connections() == 1);
+  // The server closes the idle connection; the next fetch notices and reconnects.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  auto e = std::make_shared<const Encoded>(encode(snapshot_of(4096, 50)));
+  auto got = fetch_sync(client, server.stage(e));
+  REQUIRE(got.error.empty());
+  CHECK(server.connections_accepted() == 2);
 }
 
 TEST_CASE("a dead sender is reported, not waited on forever", "[bulk]") {

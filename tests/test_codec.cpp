@@ -424,6 +424,34 @@ TEST_CASE("buffer: aligned allocation and copies", "[buffer]") {
   CHECK(Buffer::copy_of(nullptr, 0)->size() == 0);
 }
 
+TEST_CASE("buffer: large blocks are recycled, within the pool's bound", "[buffer]") {
+#if defined(__SANITIZE_ADDRESS__)
+  CHECK(Buffer::pooled_bytes() == 0);  // the sanitizer build bypasses the pool
+#else
+  const size_t n = (size_t{9} << 20) + 8192;  // size class 10 MiB (eighths of 8 MiB)
+  std::byte* first = nullptr;
+  {
+    auto a = Buffer::allocate(n);
+    first = a->data();
+    std::memset(a->data(), 0x5a, n);
+  }
+  CHECK(Buffer::pooled_bytes() >= 10u << 20);
+  auto b = Buffer::allocate(n + 4096);  // same class: the same block comes back
+  CHECK(b->data() == first);
+  CHECK(b->size() == n + 4096);
+  CHECK(reinterpret_cast<uintptr_t>(b->data()) % 64 == 0);
+  auto c = Buffer::allocate(n);         // the pool holds no other: a fresh block
+  CHECK(c->data() != first);
+  // Release more than the pool may hold: it keeps at most 512 MiB.
+  {
+    std::vector<std::shared_ptr<Buffer>> many;
+    for (int i = 0; i < 40; ++i) many.push_back(Buffer::allocate(size_t{16} << 20));
+  }
+  CHECK(Buffer::pooled_bytes() <= size_t{512} << 20);
+  CHECK(Buffer::pooled_bytes() >= size_t{400} << 20);
+#endif
+}
+
 TEST_CASE("codec: every body kind round-trips with all fields", "[codec]") {
   auto bodies = sample_bodies();
   REQUIRE(bodies.size() == std::variant_size_v<Body>);

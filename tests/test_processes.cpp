@@ -25,10 +25,10 @@ struct Shard {
   uint16_t bulk_port = 0;
 };
 
-Shard start_shard(const std::string& id) {
+Shard start_shard(std::vector<std::string> args) {
   Shard s;
-  s.process = std::make_unique<Child>(std::vector<std::string>{kNode, "--role", "shard", "--listen", "127.0.0.1:0",
-                                                               "--node-id", id});
+  args.insert(args.begin(), kNode);
+  s.process = std::make_unique<Child>(args);
   auto line = s.process->wait_for_line("listening on", 30s);
   INFO(s.process->output());
   REQUIRE(line);
@@ -37,6 +37,10 @@ Shard start_shard(const std::string& id) {
   s.port = static_cast<uint16_t>(std::stoi(m[1]));
   s.bulk_port = static_cast<uint16_t>(std::stoi(m[2]));
   return s;
+}
+
+Shard start_shard(const std::string& id) {
+  return start_shard({"--role", "shard", "--listen", "127.0.0.1:0", "--node-id", id});
 }
 
 int connect_to(uint16_t port) {
@@ -130,6 +134,22 @@ TEST_CASE("garbage on the node's ports neither crashes nor wedges it", "[process
   ::close(bulk_squatter);
   shard.process->signal(SIGTERM);
   CHECK(shard.process->wait(30s) == 0);
+}
+
+TEST_CASE("fedmoe-node takes its options from a TOML file, flags overriding it", "[process]") {
+  // examples/shard.toml says port 7100 and shard-1; the flags move it to a free port and rename it.
+  auto shard = start_shard({"--config", FEDMOE_SOURCE_DIR "/examples/shard.toml", "--listen", "127.0.0.1:0",
+                            "--node-id", "from-flags"});
+  CHECK_THAT(shard.process->output(), Catch::Contains("shard 'from-flags' listening on"));
+  auto [st, json] = run({kNode, "status", "--coordinator", endpoint(shard.port)}, 30s);
+  INFO(json);
+  REQUIRE(st == 0);
+  CHECK_THAT(json, Catch::Contains("\"node_id\":\"from-flags\""));
+  CHECK_THAT(json, Catch::Contains("\"role\":\"shard\""));
+
+  auto [s2, o2] = run({kNode, "--config", "/nonexistent/fedmoe.toml"}, 30s);
+  CHECK(s2 != 0);
+  CHECK_THAT(o2, Catch::Contains("/nonexistent/fedmoe.toml"));
 }
 
 TEST_CASE("fedmoe-node rejects bad command lines with a clear message", "[process]") {
