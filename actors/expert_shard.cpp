@@ -1,5 +1,7 @@
 #include "actors/expert_shard.hpp"
 
+#include <cstdio>
+
 #include <caf/actor_cast.hpp>
 #include <caf/event_based_actor.hpp>
 #include <nlohmann/json.hpp>
@@ -57,6 +59,12 @@ void on_pull(Self* self, const net::Message& m, const net::SnapshotRequest& req)
   reply(self, m.correlation_id, it->second.snapshot);  // tensors still reference the stored buffer: no copy
 }
 
+std::string hex16(uint64_t v) {  // as `fedmoe-node push` prints checksums
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
 std::string status_json(Self* self) {
   nlohmann::json j;
   j["node_id"] = self->state.node_id;
@@ -67,7 +75,7 @@ std::string status_json(Self* self) {
                        {"version", e.snapshot.version},
                        {"tensors", e.snapshot.tensors.size()},
                        {"bytes", e.byte_count},
-                       {"checksum", e.checksum}});
+                       {"checksum", hex16(e.checksum)}});
   j["snapshots_received"] = self->state.snapshots_received;
   j["pulls_served"] = self->state.pulls_served;
   j["errors"] = self->state.errors;

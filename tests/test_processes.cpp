@@ -91,6 +91,7 @@ TEST_CASE("two processes exchange a 64 MiB expert snapshot with verified checksu
   CHECK_THAT(json, Catch::Contains("\"expert_id\":\"python\""));
   CHECK_THAT(json, Catch::Contains("\"snapshots_received\":1"));
   CHECK_THAT(json, Catch::Contains("\"pulls_served\":1"));
+  CHECK_THAT(json, Catch::Contains("\"checksum\":\"" + std::string(m[3]) + "\""));
 
   shard.process->signal(SIGTERM);
   CHECK(shard.process->wait(30s) == 0);  // clean shutdown
