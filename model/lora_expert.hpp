@@ -29,6 +29,11 @@ struct LoraSpec {
 // an unknown module name.
 std::pair<int64_t, int64_t> module_in_out(const Qwen2Config& cfg, const std::string& module);
 
+// "base_model.model.model.layers.{layer}.self_attn.q_proj." (or "...mlp.gate_proj."): the prefix of
+// PEFT's names for the module's "lora_A.weight" and "lora_B.weight". Throws std::invalid_argument
+// for an unknown module name.
+std::string peft_lora_prefix(int64_t layer, const std::string& module);
+
 enum class LoraInit {
   peft,    // A kaiming-uniform(a=sqrt(5)) as nn.Linear, B zeros: the adapter starts as a no-op
   random,  // A and B both random: for transfer tests and benchmarks, where zeros would hide errors

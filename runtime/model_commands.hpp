@@ -1,0 +1,11 @@
+// The `fedmoe` model tools: inspect, pretrain, finetune, eval, generate (tokenize lives in
+// runtime/tokenize_command.hpp). Each add_* registers a CLI11 subcommand whose callback runs it.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace fedmoe::runtime {
+
+void add_model_commands(CLI::App& app);
+
+}  // namespace fedmoe::runtime
