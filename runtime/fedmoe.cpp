@@ -1,4 +1,4 @@
-// `fedmoe`: model tools — tokenize, pretrain, finetune, eval, generate, inspect.
+// `fedmoe`: model tools — tokenize, pretrain, finetune, eval, generate, export-peft, import-peft, inspect.
 #include <CLI/CLI.hpp>
 
 #include "runtime/model_commands.hpp"

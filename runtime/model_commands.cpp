@@ -311,6 +311,71 @@ void run_generate(GenerateFlags f) {
             << (r.stop == GenerationResult::Stop::stop_token ? "a stop token" : "max_new_tokens") << "\n";
 }
 
+struct ExportFlags {
+  std::string from, checkpoint = "best", out;
+};
+
+// A finetune run's trainer checkpoint (best or last) as a PEFT adapter directory.
+void run_export_peft(const ExportFlags& f) {
+  auto config = fs::path(f.from) / "adapter_config.json";
+  if (!fs::exists(config)) throw CommandError(f.from + ": no adapter_config.json (expected a `fedmoe finetune --out` directory)");
+  auto spec = load_adapter_config(config.string());
+  auto ckpt = fs::path(f.from) / "trainer" / (f.checkpoint == "last" ? "checkpoint-last" : "best") / "trainer.pt";
+  if (!fs::exists(ckpt)) throw CommandError("no " + f.checkpoint + " checkpoint at " + ckpt.string());
+  torch::serialize::InputArchive archive;
+  archive.load_from(ckpt.string());
+  std::map<std::string, torch::Tensor> tensors;
+  const std::string prefix = "param/";
+  for (const auto& key : archive.keys()) {
+    if (key.rfind(prefix, 0) != 0) continue;
+    torch::Tensor t;
+    archive.read(key, t);
+    tensors[key.substr(prefix.size())] = t;
+  }
+  if (tensors.empty()) throw CommandError(ckpt.string() + " holds no adapter parameters");
+  std::string base;
+  {
+    std::ifstream in(config);
+    base = nlohmann::json::parse(in).value("base_model_name_or_path", "");
+  }
+  std::string out = f.out.empty() ? (fs::path(f.from) / ("export-" + f.checkpoint)).string() : f.out;
+  fs::create_directories(out);
+  save_adapter_config(spec, base, (fs::path(out) / "adapter_config.json").string());
+  write_safetensors((fs::path(out) / "adapter_model.safetensors").string(), tensors, {{"format", "pt"}});
+  std::cout << nlohmann::json{{"command", "export-peft"}, {"out", out}, {"checkpoint", f.checkpoint},
+                              {"tensors", tensors.size()}}.dump()
+            << std::endl;
+}
+
+struct ImportFlags {
+  std::string adapter, base_model, tokenizer;
+};
+
+// Checks that a PEFT adapter (ours, or one trained with Python PEFT) fits a base model, and how much
+// it changes the base's output on a probe.
+void run_import_peft(const ImportFlags& f) {
+  auto base = load_pretrained(f.base_model);
+  base->eval();
+  LoraExperts experts(base);
+  load_peft_adapter(experts, "imported", f.adapter);
+  auto tok = load_tokenizer(f.tokenizer, f.base_model);
+  std::vector<int64_t> probe;
+  for (auto id : tok.encode("def main():\n    return 0\n")) probe.push_back(id);
+  torch::NoGradGuard no_grad;
+  auto ids = torch::tensor(probe, torch::kInt64).unsqueeze(0);  // [1, T]
+  auto before = base->forward(ids);
+  experts.activate("imported");
+  auto after = base->forward(ids);
+  const auto& spec = experts.spec("imported");
+  int64_t params = 0;
+  for (auto& [name, p] : experts.named_parameters("imported")) params += p.numel();
+  std::cout << nlohmann::json{{"command", "import-peft"}, {"adapter", f.adapter}, {"base_model", f.base_model},
+                              {"fits", true}, {"rank", spec.rank}, {"alpha", spec.alpha},
+                              {"target_modules", spec.target_modules}, {"parameters", params},
+                              {"probe_logit_change_max", (after - before).abs().max().item<double>()}}.dump()
+            << std::endl;
+}
+
 struct InspectFlags {
   std::string model_dir, adapter, preset;
   bool tensors = false;
@@ -425,6 +490,20 @@ void add_model_commands(CLI::App& app) {
   g->add_option("--tokenizer", gen->tokenizer, "tokenizer.json (default: BASE/tokenizer.json)");
   g->add_option("--device", gen->device, "cpu or cuda:N");
   g->callback([gen] { guarded([&] { run_generate(*gen); }); });
+
+  auto ex = std::make_shared<ExportFlags>();
+  auto* x = app.add_subcommand("export-peft", "write a finetune run's best (or last) checkpoint as a PEFT adapter directory");
+  x->add_option("--from", ex->from, "the `fedmoe finetune --out` directory")->required();
+  x->add_option("--checkpoint", ex->checkpoint, "best or last")->check(CLI::IsMember({"best", "last"}));
+  x->add_option("--out", ex->out, "output directory (default FROM/export-CHECKPOINT)");
+  x->callback([ex] { guarded([&] { run_export_peft(*ex); }); });
+
+  auto im = std::make_shared<ImportFlags>();
+  auto* m = app.add_subcommand("import-peft", "check that a PEFT adapter fits a base model and show its effect");
+  m->add_option("--adapter", im->adapter, "PEFT adapter directory")->required();
+  m->add_option("--base-model", im->base_model, "Hugging Face Qwen2 directory")->required();
+  m->add_option("--tokenizer", im->tokenizer, "tokenizer.json (default: BASE/tokenizer.json)");
+  m->callback([im] { guarded([&] { run_import_peft(*im); }); });
 
   auto ins = std::make_shared<InspectFlags>();
   auto* i = app.add_subcommand("inspect", "a model's config, parameter counts and tensors; an adapter's spec; a preset");

@@ -1,4 +1,4 @@
-// The `fedmoe` model tools: inspect, pretrain, finetune, eval, generate (tokenize lives in
+// The `fedmoe` model tools: pretrain, finetune, eval, generate, export-peft, import-peft, inspect (tokenize lives in
 // runtime/tokenize_command.hpp). Each add_* registers a CLI11 subcommand whose callback runs it.
 #pragma once
 

@@ -115,6 +115,37 @@ TEST_CASE("fedmoe pretrain -> finetune -> eval -> generate -> inspect", "[cli]")
   CHECK(out1 == out2);  // greedy: the same text every time
   CHECK_THAT(out1, Catch::Contains("generate: "));
 
+  // The best checkpoint (the only evaluation was at the end) exported as PEFT evaluates the same.
+  auto exported = (workdir() / "exported").string();
+  auto [sx, ox] = run({kFedmoe, "export-peft", "--from", adapter_dir(), "--checkpoint", "best", "--out", exported}, 60s);
+  INFO(ox);
+  REQUIRE(sx == 0);
+  {
+    auto [s, o] = run({kFedmoe, "eval", "--base-model", base_dir(), "--data", (workdir() / "chat.jsonl").string(),
+                       "--seq-len", "64", "--adapter", exported},
+                      120s);
+    INFO(o);
+    REQUIRE(s == 0);
+    CHECK(last_json_line(o)["loss"].get<double>() == Approx(adapted_loss).epsilon(1e-9));
+  }
+  auto [si, oi] = run({kFedmoe, "import-peft", "--adapter", exported, "--base-model", base_dir()}, 60s);
+  INFO(oi);
+  REQUIRE(si == 0);
+  auto imported = last_json_line(oi);
+  CHECK(imported["fits"] == true);
+  CHECK(imported["rank"] == 4);
+  CHECK(imported["probe_logit_change_max"].get<double>() > 0);
+  // An adapter whose config disagrees with its tensors is refused, naming the tensor.
+  {
+    std::ifstream in(fs::path(exported) / "adapter_config.json");
+    auto cfg = nlohmann::json::parse(in);
+    cfg["r"] = 8;
+    write(fs::path(exported) / "adapter_config.json", cfg.dump());
+  }
+  auto [sb, ob] = run({kFedmoe, "import-peft", "--adapter", exported, "--base-model", base_dir()}, 60s);
+  CHECK(sb == 1);
+  CHECK_THAT(ob, Catch::Contains("lora_A.weight") && Catch::Contains("[4, 64]"));
+
   auto [s3, o3] = run({kFedmoe, "inspect", "--model", base_dir(), "--adapter", adapter_dir()}, 60s);
   INFO(o3);
   REQUIRE(s3 == 0);
