@@ -8,6 +8,7 @@
 #include <torch/torch.h>
 
 #include "model/lora.hpp"
+#include "model/moe.hpp"
 
 namespace fedmoe::model {
 
@@ -114,9 +115,10 @@ torch::Tensor Qwen2MLPImpl::forward(const torch::Tensor& x) {
   return down_proj(torch::silu(gate_proj(x)) * up_proj(x));  // hidden [B, T, I]
 }
 
-Qwen2DecoderLayerImpl::Qwen2DecoderLayerImpl(const Qwen2Config& c, torch::Dtype dtype) {
+Qwen2DecoderLayerImpl::Qwen2DecoderLayerImpl(const Qwen2Config& c, torch::Dtype dtype, int64_t layer_idx) {
   self_attn = register_module("self_attn", Qwen2Attention(c, dtype));
-  mlp = register_module("mlp", Qwen2MLP(c, dtype));
+  if (c.is_moe_layer(layer_idx)) moe = register_module("mlp", std::make_shared<Qwen2MoeSparseBlockImpl>(c, dtype));
+  else mlp = register_module("mlp", Qwen2MLP(c, dtype));
   input_layernorm = register_module("input_layernorm", Qwen2RMSNorm(c.hidden_size, c.rms_norm_eps, dtype));
   post_attention_layernorm =
       register_module("post_attention_layernorm", Qwen2RMSNorm(c.hidden_size, c.rms_norm_eps, dtype));
@@ -125,6 +127,7 @@ Qwen2DecoderLayerImpl::Qwen2DecoderLayerImpl(const Qwen2Config& c, torch::Dtype 
 torch::Tensor Qwen2DecoderLayerImpl::forward(const torch::Tensor& x, const AttentionInputs& in,
                                              torch::Tensor* cached_k, torch::Tensor* cached_v) {
   auto h = x + self_attn->forward(input_layernorm(x), in, cached_k, cached_v);
+  if (moe) return h + moe->forward(post_attention_layernorm(h), in.token_mask);
   return h + mlp(post_attention_layernorm(h));
 }
 
@@ -132,7 +135,7 @@ Qwen2ModelImpl::Qwen2ModelImpl(const Qwen2Config& c, torch::Dtype dtype) : confi
   config.validate();
   embed_tokens = register_module("embed_tokens", Qwen2Embedding(c.vocab_size, c.hidden_size, c.initializer_range, dtype));
   layers = register_module("layers", torch::nn::ModuleList());
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(Qwen2DecoderLayer(c, dtype));
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) layers->push_back(Qwen2DecoderLayer(c, dtype, i));
   norm = register_module("norm", Qwen2RMSNorm(c.hidden_size, c.rms_norm_eps, dtype));
   // theta^(-2j/D), j < D/2, computed as HF does (int64 arange, then fp32).
   inv_freq = 1.0 / torch::pow(c.rope_theta, torch::arange(0, c.head_dim, 2, torch::kInt64).to(torch::kFloat32) /
@@ -181,7 +184,10 @@ torch::Tensor Qwen2ModelImpl::forward(const torch::Tensor& input_ids, const torc
   // Query t (absolute P + t) may see key s iff s <= P + t, and key s is not padding.
   auto opts = torch::TensorOptions(torch::kInt64).device(device);
   in.blocked = (torch::arange(S, opts).unsqueeze(0) > torch::arange(P, S, opts).unsqueeze(1)).unsqueeze(0);  // [1, T, S]
-  if (attention_mask.defined()) in.blocked = in.blocked.logical_or((attention_mask == 0).unsqueeze(1));  // [B, T, S]
+  if (attention_mask.defined()) {
+    in.blocked = in.blocked.logical_or((attention_mask == 0).unsqueeze(1));  // [B, T, S]
+    in.token_mask = attention_mask.slice(1, P, S) != 0;                       // [B, T]
+  }
 
   if (cache && cache->keys.empty()) {
     cache->keys.resize(config.num_hidden_layers);
@@ -190,6 +196,7 @@ torch::Tensor Qwen2ModelImpl::forward(const torch::Tensor& input_ids, const torc
   auto h = embed_tokens(input_ids);  // [B, T, H]
   for (int64_t i = 0; i < config.num_hidden_layers; ++i)
     h = layer(i).forward(h, in, cache ? &cache->keys[i] : nullptr, cache ? &cache->values[i] : nullptr);
+  router_aux_loss = config.num_experts > 0 ? moe_router_aux_loss(*this) : torch::Tensor();
   return norm(h);
 }
 

@@ -3,7 +3,8 @@
 // `model.embed_tokens.weight`, `model.layers.{i}.self_attn.{q,k,v,o}_proj.weight`,
 // `model.layers.{i}.self_attn.{q,k,v}_proj.bias`, `model.layers.{i}.mlp.{gate,up,down}_proj.weight`,
 // `model.layers.{i}.{input,post_attention}_layernorm.weight`, `model.norm.weight`, and
-// `lm_head.weight` only when the embeddings are untied.
+// `lm_head.weight` only when the embeddings are untied. Qwen2-MoE configs (num_experts > 0) put the
+// sparse block of model/moe.hpp under `model.layers.{i}.mlp.` on their MoE layers instead.
 //
 // Shapes below: B batch, T new tokens, P cached tokens, S = P + T keys, H hidden_size,
 // Nh attention heads, Nkv key/value heads, D head_dim, I intermediate_size, V vocab_size.
@@ -24,6 +25,7 @@
 namespace fedmoe::model {
 
 class LoraLayerImpl;  // model/lora.hpp
+class Qwen2MoeSparseBlockImpl;  // model/moe.hpp
 
 // y = x W^T (+ b): every projection of the decoder. While a LoRA expert is active (and not merged)
 // `lora` holds its branch for this projection and the output gains the low-rank update.
@@ -72,6 +74,7 @@ struct KVCache {
 struct AttentionInputs {
   torch::Tensor cos, sin;  // [B, T, D], model dtype
   torch::Tensor blocked;   // bool [B or 1, T, S]: key in the query's future, or padding
+  torch::Tensor token_mask;  // bool [B, T]: real (non-padding) new tokens; undefined = all real (MoE statistics)
 };
 
 class Qwen2AttentionImpl : public torch::nn::Module {
@@ -97,13 +100,17 @@ TORCH_MODULE(Qwen2MLP);
 
 class Qwen2DecoderLayerImpl : public torch::nn::Module {
  public:
-  Qwen2DecoderLayerImpl(const Qwen2Config& config, torch::Dtype dtype);
+  // layer_idx decides, with config.is_moe_layer(), whether the feed-forward is the MoE block.
+  Qwen2DecoderLayerImpl(const Qwen2Config& config, torch::Dtype dtype, int64_t layer_idx = 0);
   // Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.)). [B, T, H] -> [B, T, H].
   torch::Tensor forward(const torch::Tensor& x, const AttentionInputs& in, torch::Tensor* cached_k,
                         torch::Tensor* cached_v);
 
   Qwen2Attention self_attn{nullptr};
-  Qwen2MLP mlp{nullptr};
+  Qwen2MLP mlp{nullptr};  // the dense feed-forward; null on an MoE layer
+  // The sparse block (model/moe.hpp), registered under the name "mlp" (HF's `mlp.gate.weight`,
+  // `mlp.experts.{j}...`) on MoE layers; null on dense layers.
+  std::shared_ptr<Qwen2MoeSparseBlockImpl> moe;
   Qwen2RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
 };
 TORCH_MODULE(Qwen2DecoderLayer);
@@ -130,6 +137,9 @@ class Qwen2ModelImpl : public torch::nn::Module {
   torch::nn::ModuleList layers{nullptr};  // num_hidden_layers Qwen2DecoderLayer, named "0", "1", ...
   Qwen2RMSNorm norm{nullptr};
   torch::Tensor inv_freq;  // [D/2] fp32 RoPE frequencies; not a parameter, so to(bf16) cannot round it
+  // After each forward of a model with MoE layers: router_aux_loss_coef * the load-balancing loss of
+  // that forward (fp32 scalar, differentiable; see model/moe.hpp). Undefined for a dense model.
+  torch::Tensor router_aux_loss;
 };
 TORCH_MODULE(Qwen2Model);
 
@@ -148,6 +158,9 @@ class Qwen2ForCausalLMImpl : public torch::nn::Module {
                         int64_t logits_to_keep = 0);
 
   const Qwen2Config& config() const { return model->config; }
+  // The latest forward's MoE load-balancing loss, already scaled by router_aux_loss_coef: add it to
+  // the LM loss when training an MoE model. Undefined (check defined()) for a dense model.
+  const torch::Tensor& aux_loss() const { return model->router_aux_loss; }
 
   Qwen2Model model{nullptr};
   Qwen2Linear lm_head{nullptr};  // null when tie_word_embeddings: the head is embed_tokens.weight

@@ -30,6 +30,29 @@ void Qwen2Config::validate() const {
     throw std::invalid_argument("Qwen2 config: head_dim must be even for RoPE, got " + std::to_string(head_dim));
   if (!(rms_norm_eps > 0)) throw std::invalid_argument("Qwen2 config: rms_norm_eps must be positive");
   if (!(rope_theta > 0)) throw std::invalid_argument("Qwen2 config: rope_theta must be positive");
+  if (num_experts < 0) throw std::invalid_argument("Qwen2 config: num_experts must be >= 0, got " + std::to_string(num_experts));
+  if (num_experts > 0) {
+    if (num_experts_per_tok < 1 || num_experts_per_tok > num_experts)
+      throw std::invalid_argument("Qwen2 config: num_experts_per_tok must be in [1, num_experts = " +
+                                  std::to_string(num_experts) + "], got " + std::to_string(num_experts_per_tok));
+    positive("moe_intermediate_size", moe_intermediate_size);
+    positive("decoder_sparse_step", decoder_sparse_step);
+    if (shared_expert_intermediate_size < 0)
+      throw std::invalid_argument("Qwen2 config: shared_expert_intermediate_size must be >= 0, got " +
+                                  std::to_string(shared_expert_intermediate_size));
+    if (!(router_aux_loss_coef >= 0)) throw std::invalid_argument("Qwen2 config: router_aux_loss_coef must be >= 0");
+    for (int64_t l : mlp_only_layers)
+      if (l < 0 || l >= num_hidden_layers)
+        throw std::invalid_argument("Qwen2 config: mlp_only_layers entry " + std::to_string(l) + " is not a layer (0.." +
+                                    std::to_string(num_hidden_layers - 1) + ")");
+  }
+}
+
+bool Qwen2Config::is_moe_layer(int64_t layer_idx) const {
+  if (num_experts <= 0 || decoder_sparse_step <= 0) return false;
+  for (int64_t l : mlp_only_layers)
+    if (l == layer_idx) return false;
+  return (layer_idx + 1) % decoder_sparse_step == 0;
 }
 
 Qwen2Config qwen2_preset(const std::string& name) {
@@ -109,10 +132,11 @@ Qwen2Config qwen2_config_from_json(const std::string& json_text, const std::stri
   if (!j.is_object()) throw std::runtime_error(source + ": expected a JSON object at the top level");
   Fields f{j, source};
 
-  // Qwen3 and the MoE variants share field names but compute differently: refuse them here rather
+  // Qwen3 and its MoE variant share field names but compute differently: refuse them here rather
   // than run the wrong architecture.
-  if (auto type = f.string("model_type"); type && *type != "qwen2")
-    f.fail("model_type", "'" + *type + "' is not supported (this decoder implements 'qwen2')");
+  const auto model_type = f.string("model_type");
+  if (model_type && *model_type != "qwen2" && *model_type != "qwen2_moe")
+    f.fail("model_type", "'" + *model_type + "' is not supported (this decoder implements 'qwen2' and 'qwen2_moe')");
   if (auto act = f.string("hidden_act"); act && *act != "silu")
     f.fail("hidden_act", "'" + *act + "' is not supported (Qwen2 uses 'silu')");
   if (f.boolean("use_sliding_window", false)) f.fail("use_sliding_window", "sliding-window attention is not supported");
@@ -165,6 +189,33 @@ Qwen2Config qwen2_config_from_json(const std::string& json_text, const std::stri
     }
   }
 
+  // Qwen2-MoE fields (HF's Qwen2MoeConfig names).
+  const bool moe_type = model_type && *model_type == "qwen2_moe";
+  if (moe_type) {
+    c.num_experts = f.integer("num_experts");
+    if (c.num_experts <= 0) f.fail("num_experts", "must be positive for model_type 'qwen2_moe'");
+  } else {
+    c.num_experts = f.integer("num_experts", 0);
+    if (c.num_experts < 0) f.fail("num_experts", "must be >= 0");
+    if (c.num_experts > 0 && model_type)
+      f.fail("num_experts", "set with model_type 'qwen2': transformers would build a dense model (use 'qwen2_moe')");
+  }
+  if (c.num_experts > 0) {
+    c.num_experts_per_tok = f.integer("num_experts_per_tok");
+    c.moe_intermediate_size = f.integer("moe_intermediate_size");
+    c.shared_expert_intermediate_size = f.integer("shared_expert_intermediate_size");
+    c.norm_topk_prob = f.boolean("norm_topk_prob", false);
+    c.router_aux_loss_coef = f.number("router_aux_loss_coef", 0.001);
+    c.decoder_sparse_step = f.integer("decoder_sparse_step", 1);
+    if (const json* only = f.find("mlp_only_layers")) {
+      if (!only->is_array()) f.fail("mlp_only_layers", "expected a list of layer indices, got " + only->dump());
+      for (const auto& l : *only) {
+        if (!l.is_number_integer()) f.fail("mlp_only_layers", "expected integers, got " + only->dump());
+        c.mlp_only_layers.push_back(l.get<int64_t>());
+      }
+    }
+  }
+
   try {
     c.validate();
   } catch (const std::invalid_argument& e) {
@@ -206,6 +257,18 @@ std::string qwen2_config_to_json(const Qwen2Config& c) {
   if (c.bos_token_id) j["bos_token_id"] = *c.bos_token_id;
   if (c.eos_token_ids.size() == 1) j["eos_token_id"] = c.eos_token_ids[0];
   else if (!c.eos_token_ids.empty()) j["eos_token_id"] = c.eos_token_ids;
+  if (c.num_experts > 0) {
+    j["architectures"] = {"Qwen2MoeForCausalLM"};
+    j["model_type"] = "qwen2_moe";
+    j["num_experts"] = c.num_experts;
+    j["num_experts_per_tok"] = c.num_experts_per_tok;
+    j["moe_intermediate_size"] = c.moe_intermediate_size;
+    j["shared_expert_intermediate_size"] = c.shared_expert_intermediate_size;
+    j["norm_topk_prob"] = c.norm_topk_prob;
+    j["router_aux_loss_coef"] = c.router_aux_loss_coef;
+    j["decoder_sparse_step"] = c.decoder_sparse_step;
+    j["mlp_only_layers"] = c.mlp_only_layers;
+  }
   return j.dump(2) + "\n";
 }
 

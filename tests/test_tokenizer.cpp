@@ -5,7 +5,6 @@
 // small hand-made tokenizers whose expected ids were checked with the `tokenizers` 0.23.2 binding.
 #include <unistd.h>
 
-#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -244,16 +243,15 @@ TEST_CASE("tokenizer: invalid UTF-8 becomes U+FFFD per maximal subpart", "[token
   CHECK(qwen().encode("x\xFFy") == qwen().encode("x\uFFFDy"));
 }
 
-TEST_CASE("tokenizer: long words merge in O(n log n)", "[tokenizer]") {
-  // One 200,000-byte piece: a quadratic merge loop would take minutes.
+TEST_CASE("tokenizer: a 200,000-byte word encodes and round-trips", "[tokenizer]") {
+  // One huge pre-tokenized piece. The merge loop is a priority queue over adjacent pairs
+  // (O(n log n)); a quadratic loop would take minutes here and hit ctest's timeout (speed itself is
+  // measured in bench/tokenizer_bench, not asserted).
   std::string word(200000, 'a');
   for (size_t i = 0; i < word.size(); i += 7) word[i] = 'b';
-  const auto start = std::chrono::steady_clock::now();
   const auto encoded = qwen().encode(word);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   CHECK(qwen().decode(encoded) == word);
   CHECK(encoded.size() < word.size() / 2);
-  CHECK(seconds < 2.0);
 }
 
 TEST_CASE("tokenizer: merges, both merge notations and ignore_merges", "[tokenizer][config]") {
