@@ -76,7 +76,8 @@ double seconds_since(Clock::time_point start) { return std::chrono::duration<dou
 
 // Before each timed piece: lets the worker threads of the side that ran last (OpenBLAS spins ~0.1 s
 // after a call before sleeping, OpenMP a little) go idle, so they do not take the other side's cores.
-void settle() { std::this_thread::sleep_for(std::chrono::milliseconds(300)); }
+int settle_ms = 300;  // --quick: 30
+void settle() { std::this_thread::sleep_for(std::chrono::milliseconds(settle_ms)); }
 
 struct Options {
   bool quick = false;
@@ -99,6 +100,7 @@ struct Options {
     prompt = 4, new_tokens = 8, gen_reps = 1;
     matmul_seconds = 0.05;
     moe_hidden = 64, moe_experts = 4, moe_intermediate = 128, moe_tokens = 64, moe_reps = 2;
+    settle_ms = 30;
   }
 
   bool runs(const std::string& section) const { return sections.count(section) > 0; }
@@ -115,7 +117,7 @@ struct Options {
 
   // The shared configuration as model_bench.py arguments.
   std::vector<std::string> python_args() const {
-    auto num = [](double v) {
+    auto num = [](auto v) {
       std::ostringstream s;
       s << v;
       return s.str();
