@@ -98,7 +98,12 @@ Qwen2ForCausalLM load_pretrained(const std::string& dir, torch::Dtype dtype) {
 
 void save_pretrained(const Qwen2ForCausalLM& model, const std::string& dir, uint64_t max_shard_bytes) {
   fs::create_directories(dir);
-  save_qwen2_config(model->config(), (fs::path(dir) / "config.json").string());
+  // config.json's torch_dtype says how the weights are stored (HF writes the model's dtype), so a
+  // reader with dtype="auto" gets what is in the file.
+  auto config = model->config();
+  const auto stored = model->model->embed_tokens->weight.scalar_type();
+  config.torch_dtype = stored == torch::kBFloat16 ? "bfloat16" : stored == torch::kFloat16 ? "float16" : "float32";
+  save_qwen2_config(config, (fs::path(dir) / "config.json").string());
   std::vector<torch::Tensor> keep;
   write_sharded(fs::path(dir), refs(state_dict(model), keep), max_shard_bytes, {{"format", "pt"}});
 }

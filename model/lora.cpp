@@ -56,6 +56,17 @@ void LoraExperts::import_adapter(const std::string& name, const LoraSpec& spec,
   std::set<std::string> modules(spec.target_modules.begin(), spec.target_modules.end());
   if (modules.size() != spec.target_modules.size()) throw std::invalid_argument(what + ": a target module is listed twice");
 
+  // The feed-forward of a Qwen2-MoE layer is the sparse block (router + experts), whose projections
+  // are not Qwen2Linear slots; PEFT would adapt every expert separately there. Refuse by name.
+  const auto& config = model_->config();
+  for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer)
+    if (config.is_moe_layer(layer))
+      for (const auto& module : spec.target_modules)
+        if (module == "gate_proj" || module == "up_proj" || module == "down_proj")
+          throw std::invalid_argument(what + ": target " + module + " on layer " + std::to_string(layer) +
+                                      ", a Qwen2-MoE sparse layer; LoRA experts adapt q/k/v/o_proj, and "
+                                      "gate/up/down_proj on dense layers only");
+
   // Check every tensor before building anything, so a refused adapter leaves no trace and the
   // message lists all problems at once.
   const auto& cfg = model_->config();
@@ -145,6 +156,12 @@ void LoraExperts::unmerge() {
     proj->lora = b.lora.ptr();
   }
   merged_ = false;
+}
+
+void LoraExperts::to(const torch::Device& device) {
+  model_->to(device);
+  for (auto& [name, adapter] : adapters_)
+    for (auto& b : adapter.branches) b.lora->to(device);
 }
 
 std::vector<std::string> LoraExperts::names() const {
@@ -260,7 +277,7 @@ LoraSpec lora_spec_from_json(const std::string& json_text, const std::string& so
       spec.target_modules.clear();
       for (const auto& m : *v) {
         if (!m.is_string()) fail("target_modules", "expected names, got " + m.dump());
-        if (std::find(kAllLinear.begin(), kAllLinear.end(), m) == kAllLinear.end())
+        if (std::find(kAllLinear.begin(), kAllLinear.end(), m.get<std::string>()) == kAllLinear.end())
           fail("target_modules", m.dump() + " is not a Qwen2 linear (q_proj, k_proj, v_proj, o_proj, gate_proj, "
                                             "up_proj, down_proj)");
         spec.target_modules.push_back(m.get<std::string>());

@@ -81,6 +81,11 @@ class LoraExperts {
   // goes on.
   std::map<std::string, torch::Tensor> adapter_state_dict(const std::string& name) const;
 
+  // Moves the base and every attached adapter to `device` (cpu, cuda:N). Parameters move in place, so
+  // tensors from named_parameters() stay the live parameters. Adapters attached later are created
+  // on the base's device.
+  void to(const torch::Device& device);
+
   Qwen2ForCausalLM& model() { return model_; }  // the shared base these adapters ride on
 
  private:

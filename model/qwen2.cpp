@@ -23,8 +23,25 @@ Qwen2LinearImpl::Qwen2LinearImpl(int64_t in, int64_t out, bool with_bias, double
   if (with_bias) bias = register_parameter("bias", torch::zeros({out}, dtype));  // [out]
 }
 
+// x W^T (+ b). A decoding step multiplies a single row by each weight; torch::linear sends that
+// through a general matrix-matrix product, which on CPU streams the weight at about half the speed
+// of the matrix-vector kernel (measured on the 151936 x 512 LM head: 2.1-2.5x faster generation with
+// mv). So single-row fp32 CPU inputs against large weights take torch::mv; everything else linear.
+static torch::Tensor project(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  const bool one_row = x.dim() >= 1 && x.numel() == x.size(-1);
+  if (one_row && w.numel() >= (int64_t{1} << 19) && x.device().is_cpu() && x.scalar_type() == torch::kFloat32 &&
+      w.scalar_type() == torch::kFloat32) {
+    auto y = torch::mv(w, x.reshape({-1}));  // [out]
+    if (b.defined()) y = y + b;
+    auto shape = x.sizes().vec();
+    shape.back() = w.size(0);
+    return y.view(shape);  // [..., out]
+  }
+  return torch::linear(x, w, b);  // [..., out]
+}
+
 torch::Tensor Qwen2LinearImpl::forward(const torch::Tensor& x) {
-  auto y = torch::linear(x, weight, bias);  // [..., out]
+  auto y = project(x, weight, bias);  // [..., out]
   if (lora) y = y + lora->forward(x, is_training()).to(y.scalar_type());
   return y;
 }
@@ -210,7 +227,7 @@ torch::Tensor Qwen2ForCausalLMImpl::forward(const torch::Tensor& input_ids, cons
                                             const torch::Tensor& position_ids, KVCache* cache, int64_t logits_to_keep) {
   auto h = model->forward(input_ids, attention_mask, position_ids, cache);  // [B, T, H]
   if (logits_to_keep > 0 && logits_to_keep < h.size(1)) h = h.slice(1, h.size(1) - logits_to_keep);
-  return lm_head ? lm_head(h) : torch::linear(h, model->embed_tokens->weight);  // [B, T or kept, V]
+  return lm_head ? lm_head(h) : project(h, model->embed_tokens->weight, {});  // [B, T or kept, V]
 }
 
 // At most `limit` names, then how many more: errors on a 300-tensor checkpoint stay readable.

@@ -162,7 +162,7 @@ struct PretrainFlags {
 };
 
 void run_pretrain(const PretrainFlags& f) {
-  parse_device(f.device);
+  const auto device = parse_device(f.device);
   if (!fs::exists(f.model_config)) throw CommandError("model config not found: " + f.model_config);
   auto config = load_qwen2_config(f.model_config);
   auto tok = load_tokenizer(f.tokenizer, "");
@@ -172,9 +172,12 @@ void run_pretrain(const PretrainFlags& f) {
   auto data = prepare(load_examples(f.data), tok, f.train.seq_len, f.train.val_fraction, f.train.seed);
   torch::manual_seed(f.train.seed);
   Qwen2ForCausalLM model(config);
+  model->to(device);
   TrainTarget target;
   for (auto& p : model->named_parameters()) target.params.emplace_back(p.key(), p.value());
-  target.loss = [model](const torch::Tensor& ids, const torch::Tensor& labels) mutable { return lm_loss(model, ids, labels); };
+  target.loss = [model, device](const torch::Tensor& ids, const torch::Tensor& labels) mutable {
+    return lm_loss(model, ids.to(device), labels.to(device));
+  };
   target.set_training = [model](bool on) mutable { model->train(on); };
   Trainer trainer(target, f.train.config(f.out));
   if (f.train.resume) trainer.resume((fs::path(f.out) / "trainer" / "checkpoint-last").string());
@@ -198,11 +201,12 @@ struct FinetuneFlags {
 };
 
 void run_finetune(const FinetuneFlags& f) {
-  parse_device(f.device);
+  const auto device = parse_device(f.device);
   auto tok = load_tokenizer(f.tokenizer, f.base_model);
   auto data = prepare(load_examples(f.data), tok, f.train.seq_len, f.train.val_fraction, f.train.seed);
   auto base = load_pretrained(f.base_model);
   LoraExperts experts(base);
+  experts.to(device);
   LoraSpec spec;
   spec.rank = f.rank;
   spec.alpha = f.alpha;
@@ -213,7 +217,9 @@ void run_finetune(const FinetuneFlags& f) {
   experts.activate(f.expert);
   TrainTarget target;
   for (auto& [name, p] : experts.named_parameters(f.expert)) target.params.emplace_back(name, p);
-  target.loss = [base](const torch::Tensor& ids, const torch::Tensor& labels) mutable { return lm_loss(base, ids, labels); };
+  target.loss = [base, device](const torch::Tensor& ids, const torch::Tensor& labels) mutable {
+    return lm_loss(base, ids.to(device), labels.to(device));
+  };
   target.set_training = [base](bool on) mutable { base->train(on); };
   Trainer trainer(target, f.train.config(f.out));
   if (f.train.resume) trainer.resume((fs::path(f.out) / "trainer" / "checkpoint-last").string());
@@ -232,7 +238,7 @@ struct EvalFlags {
 };
 
 void run_eval(const EvalFlags& f) {
-  parse_device(f.device);
+  const auto device = parse_device(f.device);
   auto tok = load_tokenizer(f.tokenizer, f.base_model);
   auto examples = load_examples(f.data);
   auto enc = encoder_for(tok);
@@ -241,13 +247,16 @@ void run_eval(const EvalFlags& f) {
   auto seqs = pack(t, f.seq_len, enc.eos >= 0 ? enc.eos : 0);
   auto base = load_pretrained(f.base_model);
   LoraExperts experts(base);
+  experts.to(device);
   if (!f.adapter.empty()) {
     load_peft_adapter(experts, "adapter", f.adapter);
     experts.activate("adapter");
   }
   TrainTarget target;
   target.params.emplace_back("unused", torch::zeros({1}, torch::requires_grad()));
-  target.loss = [base](const torch::Tensor& ids, const torch::Tensor& labels) mutable { return lm_loss(base, ids, labels); };
+  target.loss = [base, device](const torch::Tensor& ids, const torch::Tensor& labels) mutable {
+    return lm_loss(base, ids.to(device), labels.to(device));
+  };
   target.set_training = [base](bool on) mutable { base->train(on); };
   TrainConfig cfg;
   cfg.batch_size = f.batch;
@@ -264,11 +273,12 @@ struct GenerateFlags {
 };
 
 void run_generate(GenerateFlags f) {
-  parse_device(f.device);
+  const auto device = parse_device(f.device);
   auto tok = load_tokenizer(f.tokenizer, f.base_model);
   auto base = load_pretrained(f.base_model);
   base->eval();
   LoraExperts experts(base);
+  experts.to(device);
   if (!f.adapter.empty()) {
     load_peft_adapter(experts, "adapter", f.adapter);
     experts.activate("adapter");
@@ -292,8 +302,9 @@ void run_generate(GenerateFlags f) {
   if (prompt.empty()) throw CommandError("empty prompt");
   KVCache cache;
   StepFn step = [&](const std::vector<int64_t>& toks) {
-    auto ids = torch::tensor(toks, torch::kInt64).unsqueeze(0);  // [1, T]
-    return base->forward(ids, {}, {}, &cache, /*logits_to_keep=*/1).reshape({-1});  // [V]
+    auto ids = torch::tensor(toks, torch::kInt64).unsqueeze(0).to(device);  // [1, T]
+    // Sampling runs on the CPU: one [V] row per step is cheap to bring over.
+    return base->forward(ids, {}, {}, &cache, /*logits_to_keep=*/1).reshape({-1}).to(torch::kCPU);  // [V]
   };
   // Stream text as it becomes valid UTF-8: decode everything so far, print what is new.
   std::vector<int32_t> out_ids;

@@ -25,6 +25,7 @@
 
 #include "model/lora.hpp"
 #include "model/qwen2.hpp"
+#include "model_test_util.hpp"
 
 using namespace fedmoe::model;
 namespace fs = std::filesystem;
@@ -32,7 +33,7 @@ using Catch::Matchers::Contains;
 
 namespace {
 
-using TensorMap = std::map<std::string, torch::Tensor>;
+using namespace fedmoe::test;
 
 // Tied, head_dim = hidden / heads, 4 query heads on 2 kv heads.
 Qwen2Config tied_config() { return qwen2_preset("tiny"); }
@@ -46,51 +47,6 @@ Qwen2Config untied_config() {
   c.num_key_value_heads = 1;
   c.rope_theta = 10000;
   return c;
-}
-
-// Weights whose activations stay O(1) and logits O(1..10): absolute tolerances of 1e-5..1e-4 are then
-// real tests (HF's 0.02-std init gives logits near 0 that any implementation matches), yet above fp32
-// rounding of differently ordered sums (a tied head on std-1 embeddings would give logits ~30).
-TensorMap random_weights(const Qwen2Config& cfg, uint64_t seed) {
-  torch::manual_seed(seed);
-  TensorMap out;
-  Qwen2ForCausalLM shape_source(cfg);
-  for (const auto& p : shape_source->named_parameters()) {
-    const auto& name = p.key();
-    auto shape = p.value().sizes();
-    torch::Tensor t;
-    if (name.find("norm") != std::string::npos) t = 1 + 0.2 * torch::randn(shape);
-    else if (name.find(".bias") != std::string::npos) t = 0.3 * torch::randn(shape);
-    else if (name == "model.embed_tokens.weight") t = 0.25 * torch::randn(shape);
-    else t = torch::randn(shape) / std::sqrt(static_cast<double>(shape[1]));
-    out.emplace(name, t);
-  }
-  return out;
-}
-
-Qwen2ForCausalLM make_model(const Qwen2Config& cfg, uint64_t seed) {
-  Qwen2ForCausalLM m(cfg);
-  load_state_dict(m, random_weights(cfg, seed));
-  m->eval();
-  return m;
-}
-
-torch::Tensor random_ids(const Qwen2Config& cfg, int64_t b, int64_t t, uint64_t seed) {
-  torch::manual_seed(seed);
-  return torch::randint(cfg.vocab_size, {b, t}, torch::kInt64);
-}
-
-double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
-  return (a.to(torch::kFloat32) - b.to(torch::kFloat32)).abs().max().item<double>();
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no exception)";
 }
 
 // LoRA on every projection kind, so a wrong path, shape or scale anywhere shows up.
@@ -107,47 +63,6 @@ TensorMap to_map(const std::vector<NamedTensor>& tensors) {
   TensorMap out;
   for (const auto& t : tensors) out.emplace(t.name, t.tensor);
   return out;
-}
-
-// torch::pickle_save of a string->tensor dict is what Python's torch.load reads; torch.save's output
-// is what torch::pickle_load reads.
-void save_tensors(const fs::path& path, const TensorMap& tensors) {
-  c10::Dict<std::string, at::Tensor> dict;
-  for (const auto& [name, t] : tensors) dict.insert(name, t.detach().contiguous());
-  auto bytes = torch::pickle_save(c10::IValue(dict));
-  std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
-
-TensorMap load_tensors(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  REQUIRE(in);
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  TensorMap out;
-  for (const auto& entry : torch::pickle_load(bytes).toGenericDict())
-    out.emplace(entry.key().toStringRef(), entry.value().toTensor());
-  return out;
-}
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "fedmoe_qwen2_XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
-
-// Mean next-token cross-entropy over pairs of real tokens (the reference script's loss).
-torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& ids, const torch::Tensor& mask) {
-  using namespace torch::indexing;
-  auto valid = mask.index({Slice(), Slice(None, -1)}).to(torch::kBool) &
-               mask.index({Slice(), Slice(1, None)}).to(torch::kBool);
-  auto labels = ids.index({Slice(), Slice(1, None)}).masked_fill(valid.logical_not(), -100);
-  auto l = logits.index({Slice(), Slice(None, -1)});
-  return torch::nn::functional::cross_entropy(
-      l.reshape({-1, l.size(-1)}), labels.reshape({-1}),
-      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
 }
 
 }  // namespace
@@ -629,4 +544,28 @@ TEST_CASE("parity with an independent PyTorch Qwen2 (tests/reference/qwen2_refer
         "(max |grad| %.3g)\n",
         tied ? "tied" : "untied", base_err, ref.at("logits").abs().max().item<double>(), lora_err, grad_err, grad_max);
   }
+}
+
+TEST_CASE("LoRA on a Qwen2-MoE model: MLP targets on sparse layers are refused by name", "[lora][moe]") {
+  auto cfg = qwen2_preset("tiny");
+  cfg.num_hidden_layers = 3, cfg.num_experts = 4, cfg.num_experts_per_tok = 2, cfg.moe_intermediate_size = 32;
+  cfg.mlp_only_layers = {1};
+  auto model = make_model(cfg, 5);
+  LoraExperts experts(model);
+  LoraSpec spec;
+  spec.rank = 2, spec.alpha = 4, spec.target_modules = {"q_proj", "up_proj"};
+  auto err = error_of([&] { experts.attach("mlp", spec); });
+  CHECK_THAT(err, Contains("target up_proj on layer 0") && Contains("Qwen2-MoE sparse layer"));
+  CHECK(experts.names().empty());
+  // Attention targets work on every layer, dense or sparse.
+  spec.target_modules = {"q_proj", "o_proj"};
+  experts.attach("attn", spec, LoraInit::random, 3);
+  auto ids = random_ids(cfg, 1, 5, 4);
+  auto base = model->forward(ids).detach();
+  experts.activate("attn");
+  CHECK(max_diff(model->forward(ids).detach(), base) > 1e-3);
+  // to(device) keeps the parameters live (same tensors the optimizer holds).
+  auto before = experts.named_parameters("attn").begin()->second;
+  experts.to(torch::kCPU);
+  CHECK(experts.named_parameters("attn").begin()->second.is_same(before));
 }

@@ -24,29 +24,14 @@ Writes DIR/out.pt, a dict:
   "grad/<name>"     d total_loss / d weight, for every parameter under ".mlp."
 """
 import json
-import math
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-
-def rms_norm(x, weight, eps):
-    in_dtype = x.dtype
-    x = x.to(torch.float32)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(in_dtype)
-
-
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def repeat_kv(x, n_rep):
-    b, n_kv, s, d = x.shape
-    return x[:, :, None, :, :].expand(b, n_kv, n_rep, s, d).reshape(b, n_kv * n_rep, s, d)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from qwen2_reference import Reference, next_token_loss  # noqa: E402  (the shared attention stack)
 
 
 def swiglu(w, prefix, x):
@@ -121,62 +106,26 @@ def load_balancing_loss_func(gate_logits, num_experts, top_k, attention_mask=Non
     return overall * num_experts
 
 
+class MoeReference(Reference):
+    """The dense reference with Qwen2MoeSparseMoeBlock on the sparse layers."""
+
+    def __init__(self, cfg, weights):
+        super().__init__(cfg, weights)
+        self.router_logits = []
+
+    def feed_forward(self, i, h):
+        if not is_sparse_layer(self.cfg, i):
+            return swiglu(self.w, f"model.layers.{i}.mlp.", h)
+        out, logits = sparse_moe_block(self.cfg, self.w, f"model.layers.{i}.mlp.", h)
+        self.router_logits.append(logits)
+        return out
+
+
 def forward(cfg, w, input_ids, attention_mask):
     """Returns (logits [B, T, V], tuple of router logits of the MoE layers)."""
-    bsz, seq = input_ids.shape
-    n_heads = cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads", n_heads)
-    head_dim = cfg.get("head_dim", cfg["hidden_size"] // n_heads)
-    eps = cfg.get("rms_norm_eps", 1e-6)
-    theta = cfg.get("rope_theta", 10000.0)
-
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = positions[:, :, None].float() * inv_freq[None, None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos = emb.cos()[:, None, :, :]
-    sin = emb.sin()[:, None, :, :]
-    causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool))
-    visible = causal[None, None, :, :] & attention_mask.bool()[:, None, None, :]
-    additive = torch.zeros(bsz, 1, seq, seq).masked_fill(~visible, torch.finfo(torch.float32).min)
-
-    router_logits = []
-    x = w["model.embed_tokens.weight"][input_ids]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
-
-        def proj(name):
-            return F.linear(h, w[p + f"self_attn.{name}.weight"], w.get(p + f"self_attn.{name}.bias"))
-
-        q = proj("q_proj").view(bsz, seq, n_heads, head_dim).transpose(1, 2)
-        k = proj("k_proj").view(bsz, seq, n_kv, head_dim).transpose(1, 2)
-        v = proj("v_proj").view(bsz, seq, n_kv, head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k = repeat_kv(k, n_heads // n_kv)
-        v = repeat_kv(v, n_heads // n_kv)
-        scores = (q @ k.transpose(2, 3)) / math.sqrt(head_dim) + additive
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        attn = (probs @ v).transpose(1, 2).reshape(bsz, seq, n_heads * head_dim)
-        x = x + F.linear(attn, w[p + "self_attn.o_proj.weight"])
-
-        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
-        if is_sparse_layer(cfg, i):
-            out, logits = sparse_moe_block(cfg, w, p + "mlp.", h)
-            router_logits.append(logits)
-        else:
-            out = swiglu(w, p + "mlp.", h)
-        x = x + out
-    x = rms_norm(x, w["model.norm.weight"], eps)
-    head = w["model.embed_tokens.weight"] if cfg.get("tie_word_embeddings") else w["lm_head.weight"]
-    return x @ head.t(), tuple(router_logits)
-
-
-def next_token_loss(logits, input_ids, attention_mask):
-    valid = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
-    labels = input_ids[:, 1:].masked_fill(~valid, -100)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    ref = MoeReference(cfg, w)
+    logits = ref.forward(input_ids, attention_mask)
+    return logits, tuple(ref.router_logits)
 
 
 def main(directory):

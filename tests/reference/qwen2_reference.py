@@ -66,6 +66,11 @@ class Reference:
             y = y + (x @ a.t() @ b.t()) * self.lora_scale
         return y
 
+    def feed_forward(self, i, h):
+        """Layer i's MLP on the normed hidden states: down(silu(gate(h)) * up(h)). MoE subclasses override it."""
+        p = f"model.layers.{i}.mlp."
+        return self.linear(F.silu(self.linear(h, p + "gate_proj")) * self.linear(h, p + "up_proj"), p + "down_proj")
+
     def forward(self, input_ids, attention_mask):
         cfg = self.cfg
         bsz, seq = input_ids.shape
@@ -102,9 +107,7 @@ class Reference:
             attn = (probs @ v).transpose(1, 2).reshape(bsz, seq, n_heads * head_dim)
             x = x + self.linear(attn, p + "self_attn.o_proj")
             h = rms_norm(x, self.w[p + "post_attention_layernorm.weight"], eps)
-            gate = self.linear(h, p + "mlp.gate_proj")
-            up = self.linear(h, p + "mlp.up_proj")
-            x = x + self.linear(F.silu(gate) * up, p + "mlp.down_proj")
+            x = x + self.feed_forward(i, h)
         x = rms_norm(x, self.w["model.norm.weight"], eps)
         head = self.w["model.embed_tokens.weight"] if cfg.get("tie_word_embeddings") else self.w["lm_head.weight"]
         return x @ head.t()
