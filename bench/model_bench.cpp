@@ -58,11 +58,13 @@
 #include <torch/torch.h>
 
 #include "model/data.hpp"
+#include "model/lm_loss.hpp"
 #include "model/generation.hpp"
 #include "model/lora.hpp"
 #include "model/moe.hpp"
 #include "model/qwen2.hpp"
 #include "model/trainer.hpp"
+#include "runtime/process_env.hpp"
 
 extern char** environ;
 
@@ -172,7 +174,15 @@ class PythonChild {
     posix_spawn_file_actions_adddup2(&fa, to_child[0], 0);
     posix_spawn_file_actions_adddup2(&fa, from_child[1], 1);
     for (int fd : {to_child[0], to_child[1], from_child[0], from_child[1]}) posix_spawn_file_actions_addclose(&fa, fd);
-    const int rc = ::posix_spawnp(&pid_, o.python.c_str(), &fa, nullptr, argv.data(), environ);
+    // The Python baseline runs with the user's environment: without the OMP_WAIT_POLICY that fedmoe's
+    // executables set for themselves (runtime/process_env.cpp), unless the user set it.
+    std::vector<char*> env;
+    for (char** e = environ; *e; ++e)
+      if (!(fedmoe::runtime::omp_wait_policy_set_by_fedmoe() && (std::string_view(*e).starts_with("OMP_WAIT_POLICY=") ||
+                                                                  std::string_view(*e).starts_with("FEDMOE_DEFAULTED_"))))
+        env.push_back(*e);
+    env.push_back(nullptr);
+    const int rc = ::posix_spawnp(&pid_, o.python.c_str(), &fa, nullptr, argv.data(), env.data());
     posix_spawn_file_actions_destroy(&fa);
     ::close(to_child[0]);
     ::close(from_child[1]);
@@ -242,11 +252,9 @@ TrainFigures bench_train(fm::LoraExperts& experts, const std::string& adapter, c
   }
   fm::TrainTarget target;
   for (auto& [name, p] : experts.named_parameters(adapter)) target.params.emplace_back(name, p);
+  // The loss fedmoe trains with (model/lm_loss.hpp), as runtime/model_commands.cpp's lm_loss.
   target.loss = [model](const torch::Tensor& ids, const torch::Tensor& labels) mutable {
-    auto logits = model->forward(ids);  // [B, T, V], as runtime/model_commands.cpp's lm_loss
-    return torch::nn::functional::cross_entropy(
-        logits.reshape({-1, logits.size(-1)}).to(torch::kFloat32), labels.reshape({-1}),
-        torch::nn::functional::CrossEntropyFuncOptions().ignore_index(fm::kIgnoreLabel));
+    return fm::causal_lm_loss(model, ids, labels);
   };
   target.set_training = [model](bool on) mutable { model->train(on); };
   fm::TrainConfig cfg;
@@ -413,8 +421,9 @@ int main(int argc, char** argv) {
     ::signal(SIGPIPE, SIG_IGN);  // a Python child that died is reported by PythonChild::call, not by a signal
     torch::set_num_threads(o.threads);
     const int blas_threads = openblas_threads();
-    std::printf("threads: torch %d (--threads), OpenBLAS pool %d; BLAS: %s\n", torch::get_num_threads(), blas_threads,
-                openblas_config().c_str());
+    std::printf("threads: torch %d (--threads), OpenBLAS pool %d, OMP_WAIT_POLICY %s%s; BLAS: %s\n",
+                torch::get_num_threads(), blas_threads, std::getenv("OMP_WAIT_POLICY") ? std::getenv("OMP_WAIT_POLICY") : "(unset)",
+                fedmoe::runtime::omp_wait_policy_set_by_fedmoe() ? " (fedmoe's default)" : "", openblas_config().c_str());
     std::fflush(stdout);
 
     const bool need_python = o.runs("matmul") || o.runs("train") || o.runs("generate");
@@ -423,8 +432,9 @@ int main(int argc, char** argv) {
     if (need_python) {
       py = std::make_unique<PythonChild>(o);
       py_info = py->call("info");
-      std::printf("Python child: torch %s, %d threads, OpenBLAS pool %d\n", py_info["torch"].get<std::string>().c_str(),
-                  py_info["threads"].get<int>(), py_info["openblas_threads"].get<int>());
+      std::printf("Python child: torch %s, %d threads, OpenBLAS pool %d, OMP_WAIT_POLICY %s\n",
+                  py_info["torch"].get<std::string>().c_str(), py_info["threads"].get<int>(),
+                  py_info["openblas_threads"].get<int>(), py_info["omp_wait_policy"].get<std::string>().c_str());
     }
 
     // 1. BLAS, alternating sides.

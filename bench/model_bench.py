@@ -30,6 +30,7 @@ last position (HF's logits_to_keep=1), greedy.
 import argparse
 import ctypes
 import json
+import os
 import math
 import time
 
@@ -265,7 +266,8 @@ class Bench:
 
 
 def info(a):
-    return {"threads": torch.get_num_threads(), "openblas_threads": openblas_threads(), "torch": torch.__version__}
+    return {"threads": torch.get_num_threads(), "openblas_threads": openblas_threads(), "torch": torch.__version__,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)")}
 
 
 def run_once(a, skip):

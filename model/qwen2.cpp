@@ -227,7 +227,11 @@ torch::Tensor Qwen2ForCausalLMImpl::forward(const torch::Tensor& input_ids, cons
                                             const torch::Tensor& position_ids, KVCache* cache, int64_t logits_to_keep) {
   auto h = model->forward(input_ids, attention_mask, position_ids, cache);  // [B, T, H]
   if (logits_to_keep > 0 && logits_to_keep < h.size(1)) h = h.slice(1, h.size(1) - logits_to_keep);
-  return lm_head ? lm_head(h) : project(h, model->embed_tokens->weight, {});  // [B, T or kept, V]
+  return head(h);  // [B, T or kept, V]
+}
+
+torch::Tensor Qwen2ForCausalLMImpl::head(const torch::Tensor& hidden) {
+  return lm_head ? lm_head(hidden) : project(hidden, model->embed_tokens->weight, {});  // [..., V]
 }
 
 // At most `limit` names, then how many more: errors on a 300-tensor checkpoint stay readable.

@@ -157,6 +157,9 @@ class Qwen2ForCausalLMImpl : public torch::nn::Module {
                         const torch::Tensor& position_ids = {}, KVCache* cache = nullptr,
                         int64_t logits_to_keep = 0);
 
+  // The LM head alone: hidden states [..., H] -> logits [..., V] (the tied embedding or lm_head).
+  torch::Tensor head(const torch::Tensor& hidden);
+
   const Qwen2Config& config() const { return model->config; }
   // The latest forward's MoE load-balancing loss, already scaled by router_aux_loss_coef: add it to
   // the LM loss when training an MoE model. Undefined (check defined()) for a dense model.

@@ -10,6 +10,7 @@
 #include "model/checkpoint.hpp"
 #include "model/data.hpp"
 #include "model/generation.hpp"
+#include "model/lm_loss.hpp"
 #include "model/lora.hpp"
 #include "model/qwen2.hpp"
 #include "model/tokenizer.hpp"
@@ -138,12 +139,7 @@ struct TrainFlags {
 
 // Next-token cross-entropy, plus the router's load-balancing loss when the model has MoE layers.
 torch::Tensor lm_loss(Qwen2ForCausalLM& model, const torch::Tensor& ids, const torch::Tensor& labels) {
-  auto logits = model->forward(ids);  // [B, T, V]
-  auto loss = torch::nn::functional::cross_entropy(
-      logits.reshape({-1, logits.size(-1)}).to(torch::kFloat32), labels.reshape({-1}),
-      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(kIgnoreLabel));
-  if (auto aux = model->aux_loss(); aux.defined()) loss = loss + aux;
-  return loss;
+  return causal_lm_loss(model, ids, labels);
 }
 
 void print_result(const char* what, const TrainResult& r, const std::string& out) {
