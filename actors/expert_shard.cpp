@@ -33,51 +33,54 @@ void reply_error(Self* self, uint64_t correlation_id, const std::string& code, c
 }
 
 void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& snap) {
-  StoredExpert stored;
-  stored.snapshot = snap;
-  stored.checksum = net::checksum(snap.tensors);
-  for (const auto& t : snap.tensors) stored.byte_count += t.size_bytes;
-  net::SnapshotReceipt receipt{snap.spec.expert_id, snap.version, static_cast<uint32_t>(snap.tensors.size()),
-                               stored.byte_count, stored.checksum};
-  auto& slot = self->state.experts[snap.spec.expert_id];
-  if (slot.snapshot.spec.expert_id.empty() || snap.version >= slot.snapshot.version) slot = std::move(stored);
+  net::SnapshotReceipt receipt;
+  try {
+    receipt = self->state.store->install(snap);
+  } catch (const std::exception& e) {
+    return reply_error(self, m.correlation_id, "bad_snapshot", e.what());
+  }
   ++self->state.snapshots_received;
-  spdlog::info("{}: stored expert '{}' v{} ({} tensors, {} bytes) from {}", self->state.node_id,
-               snap.spec.expert_id, snap.version, receipt.tensor_count, receipt.byte_count, m.sender_id);
+  spdlog::info("{}: expert '{}' v{} ({} tensors, {} bytes) from {}", self->state.node_id, snap.spec.expert_id,
+               receipt.version, receipt.tensor_count, receipt.byte_count, m.sender_id);
   reply(self, m.correlation_id, receipt);
 }
 
 void on_pull(Self* self, const net::Message& m, const net::SnapshotRequest& req) {
-  auto it = self->state.experts.find(req.expert_id);
-  if (it == self->state.experts.end())
-    return reply_error(self, m.correlation_id, "unknown_expert", "this shard holds no expert '" + req.expert_id + "'");
-  if (it->second.snapshot.version < req.min_version)
+  const auto* e = self->state.store->find(req.expert_id);
+  if (!e) return reply_error(self, m.correlation_id, "unknown_expert", "this shard holds no expert '" + req.expert_id + "'");
+  if (e->weights.version < req.min_version)
     return reply_error(self, m.correlation_id, "version_unavailable",
-                       "expert '" + req.expert_id + "' is at v" + std::to_string(it->second.snapshot.version) +
-                           ", v" + std::to_string(req.min_version) + " was asked for");
+                       "expert '" + req.expert_id + "' is at v" + std::to_string(e->weights.version) + ", v" +
+                           std::to_string(req.min_version) + " was asked for");
   ++self->state.pulls_served;
-  reply(self, m.correlation_id, it->second.snapshot);  // tensors still reference the stored buffer: no copy
+  reply(self, m.correlation_id, e->published);  // immutable per version: later updates never change these bytes
 }
 
-std::string hex16(uint64_t v) {  // as `fedmoe-node push` prints checksums
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
-  return buf;
+void on_update(Self* self, const net::Message& m, const net::UpdatePush& u) {
+  ++self->state.updates_received;
+  PushResult r;
+  try {
+    r = self->state.store->push(u);
+  } catch (const std::exception& e) {  // storage trouble: say so, do not acknowledge
+    return reply_error(self, m.correlation_id, "storage_error", e.what());
+  }
+  if (!r.accepted) {
+    spdlog::info("{}: rejected update '{}' of '{}' from {}: {} ({})", self->state.node_id, u.update_id, u.expert_id,
+                 u.worker_id, net::to_string(r.reject.reason), r.reject.detail);
+    return reply(self, m.correlation_id, r.reject);
+  }
+  reply(self, m.correlation_id, r.ack);
 }
 
 std::string status_json(Self* self) {
   nlohmann::json j;
   j["node_id"] = self->state.node_id;
   j["role"] = "shard";
-  auto& experts = j["experts"] = nlohmann::json::array();
-  for (const auto& [id, e] : self->state.experts)
-    experts.push_back({{"expert_id", id},
-                       {"version", e.snapshot.version},
-                       {"tensors", e.snapshot.tensors.size()},
-                       {"bytes", e.byte_count},
-                       {"checksum", hex16(e.checksum)}});
+  j["experts"] = self->state.store->status();
+  j["policy"] = self->state.store->options().policy.name;
   j["snapshots_received"] = self->state.snapshots_received;
   j["pulls_served"] = self->state.pulls_served;
+  j["updates_received"] = self->state.updates_received;
   j["errors"] = self->state.errors;
   auto s = self->state.transport->stats();
   j["transport"] = {{"sent_local", s.sent_local}, {"sent_inline", s.sent_inline}, {"sent_bulk", s.sent_bulk},
@@ -89,8 +92,14 @@ std::string status_json(Self* self) {
 }  // namespace
 
 caf::behavior expert_shard(Self* self, std::string node_id, std::shared_ptr<net::Transport> transport) {
+  return expert_shard_with(self, std::move(node_id), std::move(transport), ExpertStoreOptions{});
+}
+
+caf::behavior expert_shard_with(Self* self, std::string node_id, std::shared_ptr<net::Transport> transport,
+                                ExpertStoreOptions options) {
   self->state.node_id = std::move(node_id);
   self->state.transport = std::move(transport);
+  self->state.store = std::make_unique<ExpertStore>(std::move(options));
   return {
       [=](net::WireFrame& frame) {
         auto received = self->state.transport->receive(self, frame);
@@ -102,6 +111,7 @@ caf::behavior expert_shard(Self* self, std::string node_id, std::shared_ptr<net:
         const net::Message& m = received->value();
         if (auto* snap = std::get_if<net::ExpertSnapshot>(&m.body)) return on_snapshot(self, m, *snap);
         if (auto* pull = std::get_if<net::SnapshotRequest>(&m.body)) return on_pull(self, m, *pull);
+        if (auto* push = std::get_if<net::UpdatePush>(&m.body)) return on_update(self, m, *push);
         if (auto* st = std::get_if<net::StatusRequest>(&m.body))
           return reply(self, m.correlation_id, net::StatusReply{st->request_id, self->state.node_id, net::Role::shard,
                                                                 status_json(self)});

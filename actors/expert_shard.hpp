@@ -1,6 +1,8 @@
-// The expert-shard actor: the data plane for expert weights. It keeps the newest snapshot of each
-// expert it was given, serves pulls of them, and answers status requests.
-// (Update application, replication and persistence arrive with the federation.)
+// The expert-shard actor: the data plane for expert weights. It hosts the experts it is given
+// (ExpertSnapshot), serves pulls of the current version, folds workers' updates in through the
+// configured aggregation policy (UpdatePush -> UpdateAck with new version, staleness and weight, or
+// UpdateReject with the reason), and answers status requests. What it holds, and its durability,
+// is actors/expert_store.hpp.
 #pragma once
 
 #include <cstdint>
@@ -11,23 +13,19 @@
 #include <caf/event_based_actor.hpp>
 #include <caf/stateful_actor.hpp>
 
+#include "actors/expert_store.hpp"
 #include "net/messages.hpp"
 #include "net/transport.hpp"
 
 namespace fedmoe::actors {
 
-struct StoredExpert {
-  net::ExpertSnapshot snapshot;  // tensors point into the received message buffer
-  uint64_t checksum = 0;
-  uint64_t byte_count = 0;
-};
-
 struct ExpertShardState {
   std::string node_id;
   std::shared_ptr<net::Transport> transport;
-  std::map<std::string, StoredExpert> experts;
+  std::unique_ptr<ExpertStore> store;
   uint64_t snapshots_received = 0;
   uint64_t pulls_served = 0;
+  uint64_t updates_received = 0;
   std::map<std::string, uint64_t> errors;  // by error code: what peers sent that could not be handled
 
   static inline const char* name = "fedmoe.expert_shard";
@@ -35,5 +33,8 @@ struct ExpertShardState {
 
 caf::behavior expert_shard(caf::stateful_actor<ExpertShardState>* self, std::string node_id,
                            std::shared_ptr<net::Transport> transport);
+// With a policy and a state directory (the store recovers what the directory holds).
+caf::behavior expert_shard_with(caf::stateful_actor<ExpertShardState>* self, std::string node_id,
+                                std::shared_ptr<net::Transport> transport, ExpertStoreOptions options);
 
 }  // namespace fedmoe::actors

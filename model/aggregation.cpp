@@ -135,7 +135,9 @@ Outcome AggregationPolicy::submit(ExpertWeights& expert, const ClientUpdate& u, 
 
   // Work in fp32 on the expert's device, whatever the worker sent.
   TensorMap delta;
-  for (const auto& [name, d] : u.delta) delta[name] = d.to(expert.weights.at(name).device(), torch::kFloat32);
+  // Copies (never views): the caller's tensors may point into a received message buffer.
+  for (const auto& [name, d] : u.delta)
+    delta[name] = d.to(expert.weights.at(name).device(), torch::kFloat32, /*non_blocking=*/false, /*copy=*/true);
   Outcome out;
   out.staleness = staleness;
   if (config_.clip_norm > 0) {

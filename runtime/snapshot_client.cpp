@@ -93,6 +93,25 @@ PullResult pull_snapshot(NodeSystem& node, const caf::actor& shard, const std::s
   return out;
 }
 
+UpdateResult push_update(NodeSystem& node, const caf::actor& shard, const net::UpdatePush& update,
+                         std::chrono::milliseconds timeout) {
+  UpdateResult out;
+  auto t0 = Clock::now();
+  auto reply = call(node, shard, update, timeout, &out.error);
+  out.seconds = seconds_since(t0);
+  if (!reply) return out;
+  if (auto* ack = std::get_if<net::UpdateAck>(&reply->body)) {
+    out.ok = out.accepted = true;
+    out.ack = *ack;
+  } else if (auto* rej = std::get_if<net::UpdateReject>(&reply->body)) {
+    out.ok = true;
+    out.reject = *rej;
+  } else {
+    out.error = std::string("expected an updateAck or updateReject, got ") + net::body_name(reply->body);
+  }
+  return out;
+}
+
 std::optional<std::string> node_status(NodeSystem& node, const caf::actor& target, std::chrono::milliseconds timeout,
                                        std::string* error) {
   auto reply = call(node, target, net::StatusRequest{next_correlation_id(), true}, timeout, error);

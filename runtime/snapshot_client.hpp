@@ -1,5 +1,5 @@
 // Blocking client calls against an expert shard: push a snapshot and check the shard's receipt, pull a
-// snapshot back. Used by `fedmoe-node push`, the wire benchmark and the tests.
+// snapshot back, push a worker update. Used by `fedmoe-node push`, the wire benchmark and the tests.
 #pragma once
 
 #include <chrono>
@@ -35,6 +35,19 @@ struct PullResult {
 
 PullResult pull_snapshot(NodeSystem& node, const caf::actor& shard, const std::string& expert_id,
                          uint64_t min_version, std::chrono::milliseconds timeout);
+
+struct UpdateResult {
+  bool ok = false;        // a verdict came back (accepted or rejected)
+  bool accepted = false;
+  std::string error;      // no verdict: timeout, the shard's error reply
+  net::UpdateAck ack;
+  net::UpdateReject reject;
+  double seconds = 0;
+};
+
+// Sends one worker update and waits for the shard's verdict.
+UpdateResult push_update(NodeSystem& node, const caf::actor& shard, const net::UpdatePush& update,
+                         std::chrono::milliseconds timeout);
 
 // The shard's status document (JSON text), or nullopt with `error` set.
 std::optional<std::string> node_status(NodeSystem& node, const caf::actor& target, std::chrono::milliseconds timeout,

@@ -207,7 +207,7 @@ TEST_CASE("every policy rejects bad updates with a reason and leaves the weights
   }
 }
 
-TEST_CASE("clipping scales a delta to clip_norm; bad configurations are refused", "[aggregation]") {
+TEST_CASE("clipping scales a delta to clip_norm, and bad configurations are refused", "[aggregation]") {
   auto c = config("fedasync");
   c.alpha = 1.0;
   c.staleness_function = StalenessFunction::Kind::constant;

@@ -1,0 +1,117 @@
+// What an expert shard holds for the experts it hosts, without the actor around it (so it is tested
+// directly): per expert the weights (fp32 LibTorch tensors), the version, the aggregation policy
+// (model/aggregation.hpp) that folds workers' updates in, the last few versions (FedAsync mixes with
+// the weights an update was trained from), the ids of every accepted update (nothing is applied
+// twice), and counters for status: accepted/rejected by reason, a staleness histogram, per-worker
+// figures.
+//
+// Durability, with a state directory: per expert DIR/<expert>/snapshot.safetensors (weights, with
+// version and spec in the metadata), DIR/<expert>/updates.log (every update accepted since that
+// snapshot, as the encoded UpdatePush with a checksum, flushed to disk before push() returns, i.e.
+// before the worker is acknowledged) and DIR/<expert>/update_ids (all accepted ids). A new store on
+// the same directory replays the log through the same policy and reaches exactly the acknowledged
+// state, buffered FedAvg/FedBuff updates included; a torn last record (a crash mid-write) is dropped,
+// since it was never acknowledged. Snapshots are rewritten every `snapshot_every` versions, when no
+// update is pending, and the log restarts.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "model/aggregation.hpp"
+#include "net/messages.hpp"
+
+namespace fedmoe::actors {
+
+struct ExpertStoreOptions {
+  model::PolicyConfig policy;
+  std::string state_dir;           // "" = memory only
+  uint64_t history_versions = 4;   // versions kept for FedAsync's base weights
+  uint64_t snapshot_every = 16;    // versions between snapshots; the log covers the rest
+  bool fsync = true;               // flush each accepted update to disk before acknowledging it
+};
+
+struct PushResult {
+  bool accepted = false;
+  net::UpdateAck ack;        // when accepted (buffered or applied)
+  net::UpdateReject reject;  // when not: reason and detail
+  bool applied = false;      // the expert moved to a new version with this call
+};
+
+struct WorkerFigures {
+  uint64_t accepted = 0;
+  std::map<std::string, uint64_t> rejected;  // by reason
+  uint64_t staleness_sum = 0, staleness_max = 0;
+  double last_loss = 0;
+  uint64_t samples = 0;
+};
+
+struct HostedExpert {
+  net::ExpertSpec spec;
+  model::ExpertWeights weights;                      // CPU, the snapshot's dtype; the policy changes them in place
+  bool owns_weights = true;                          // false: still views of the installed message (read-only)
+  std::unique_ptr<model::AggregationPolicy> policy;
+  std::deque<std::pair<uint64_t, model::TensorMap>> history;  // (version, immutable weights), newest last
+  net::ExpertSnapshot published;                     // the current version for pulls; never changes after publishing
+  uint64_t published_checksum = 0, published_bytes = 0;
+  std::set<std::string> seen;                        // accepted update ids
+  // counters
+  uint64_t accepted = 0, versions_applied = 0;
+  std::map<std::string, uint64_t> rejected;          // by reason
+  std::map<uint64_t, uint64_t> staleness_histogram;  // accepted updates by staleness
+  std::map<std::string, WorkerFigures> workers;
+  // durability
+  uint64_t snapshot_version = 0;
+  int log_fd = -1;
+  int ids_fd = -1;
+};
+
+class ExpertStore {
+ public:
+  // Recovers every expert found in options.state_dir. Throws std::runtime_error naming the file when
+  // a snapshot cannot be read (a corrupt log tail is dropped with a warning instead).
+  explicit ExpertStore(ExpertStoreOptions options);
+  ~ExpertStore();
+  ExpertStore(const ExpertStore&) = delete;
+  ExpertStore& operator=(const ExpertStore&) = delete;
+
+  // Hosts the snapshot's expert, or replaces it with a newer version (an older or equal one is
+  // ignored: the receipt then names the version kept). Pending buffered updates of a replaced
+  // version are dropped. Throws std::invalid_argument for tensors that are not f32/f16/bf16.
+  net::SnapshotReceipt install(const net::ExpertSnapshot& snapshot);
+
+  // Validates and folds one update. Unknown expert, repeated update id, and everything the policy
+  // refuses come back as a reject with reason and detail; nothing throws on a peer's input.
+  PushResult push(const net::UpdatePush& update);
+
+  // FedAvg's round deadline for `expert_id`; true when a round closed.
+  bool close_round(const std::string& expert_id);
+
+  bool contains(const std::string& expert_id) const { return experts_.count(expert_id) > 0; }
+  const HostedExpert* find(const std::string& expert_id) const;
+  std::vector<std::string> expert_ids() const;
+  nlohmann::json status() const;
+  const ExpertStoreOptions& options() const { return options_; }
+
+ private:
+  void publish(HostedExpert& e);
+  void after_apply(HostedExpert& e);
+  void open_files(const std::string& expert_id, HostedExpert& e, bool truncate_log);
+  void write_snapshot(const std::string& expert_id, HostedExpert& e);
+  void append_log(HostedExpert& e, const net::UpdatePush& update, uint64_t pre_version);
+  void recover(const std::string& expert_id);
+  PushResult fold(HostedExpert& e, const net::UpdatePush& update, bool replaying);
+
+  ExpertStoreOptions options_;
+  std::map<std::string, HostedExpert> experts_;
+};
+
+}  // namespace fedmoe::actors

@@ -1,0 +1,245 @@
+// Tests of actors/expert_store and the expert-shard actor's update path: updates folded through the
+// policy, pulls of immutable versions, every rejection reason counted in status, nothing applied
+// twice, and durability (a new store on the same directory reaches exactly the acknowledged state,
+// buffered updates and closed rounds included; a torn log tail is dropped).
+// LibTorch pulls in glog, whose CHECK(cond) aborts the process: include it first and let Catch's
+// CHECK replace it.
+#include <torch/torch.h>
+#undef CHECK
+#include <catch2/catch.hpp>
+
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "actors/expert_shard.hpp"
+#include "actors/expert_store.hpp"
+#include "actors/tensor_bridge.hpp"
+#include "runtime/node_system.hpp"
+#include "runtime/snapshot_client.hpp"
+
+using namespace fedmoe;
+using Catch::Matchers::Contains;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "fedmoe_store_XXXXXX").string();
+    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
+    path = tmpl;
+  }
+  ~TempDir() { fs::remove_all(path); }
+};
+
+// A rank-2 LoRA pair on one 4x3 projection, PEFT names.
+net::ExpertSnapshot initial(const std::string& id = "sql", uint64_t version = 0) {
+  net::ExpertSnapshot s;
+  s.spec.expert_id = id;
+  s.spec.domain = id;
+  s.spec.lora_rank = 2;
+  s.spec.target_modules = {"q_proj"};
+  s.version = version;
+  s.tensors.push_back(actors::to_wire("a", torch::arange(6, torch::kFloat32).reshape({2, 3})));  // [2, 3]
+  s.tensors.push_back(actors::to_wire("b", torch::zeros({4, 2})));                               // [4, 2]
+  return s;
+}
+
+net::UpdatePush update(const std::string& id, uint64_t base, float value, const std::string& expert = "sql",
+                       const std::string& worker = "w1", uint64_t samples = 10) {
+  net::UpdatePush u;
+  u.expert_id = expert;
+  u.worker_id = worker;
+  u.update_id = id;
+  u.base_version = base;
+  u.sample_count = samples;
+  u.train_loss = 1.5f;
+  u.deltas.push_back(actors::to_wire("a", torch::full({2, 3}, value)));
+  u.deltas.push_back(actors::to_wire("b", torch::full({4, 2}, -value)));
+  return u;
+}
+
+torch::Tensor weight(const actors::ExpertStore& store, const std::string& name, const std::string& expert = "sql") {
+  return store.find(expert)->weights.weights.at(name);
+}
+
+actors::ExpertStoreOptions options(const std::string& policy, const std::string& dir = "") {
+  actors::ExpertStoreOptions o;
+  o.policy.name = policy;
+  o.policy.alpha = 0.5;
+  o.policy.staleness_function = model::StalenessFunction::Kind::constant;
+  o.policy.buffer_size = 3;
+  o.policy.clients_per_round = 3;
+  o.policy.max_staleness = 4;
+  o.state_dir = dir;
+  o.snapshot_every = 100;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("store: updates fold through the policy; pulled versions never change", "[store]") {
+  actors::ExpertStore store(options("fedasync"));
+  auto receipt = store.install(initial());
+  CHECK(receipt.version == 0);
+  CHECK(receipt.tensor_count == 2);
+  auto v0 = store.find("sql")->published;  // what a pull of version 0 got
+
+  auto r = store.push(update("u1", 0, 2.0f));
+  REQUIRE(r.accepted);
+  CHECK(r.applied);
+  CHECK(r.ack.new_version == 1);
+  CHECK(r.ack.staleness == 0);
+  CHECK(r.ack.weight == Approx(0.5));
+  // FedAsync, alpha 0.5, constant s: x + 0.5 * d
+  CHECK(torch::allclose(weight(store, "a"), torch::arange(6, torch::kFloat32).reshape({2, 3}) + 1.0));
+  CHECK(torch::allclose(weight(store, "b"), torch::full({4, 2}, -1.0)));
+  CHECK(store.find("sql")->published.version == 1);
+  CHECK(actors::from_wire(v0.tensors[0]).equal(torch::arange(6, torch::kFloat32).reshape({2, 3})));  // untouched
+
+  // A stale update (base 0, expert at 1) mixes with version 0's weights: x_new = x0 + d.
+  auto stale = store.push(update("u2", 0, 4.0f));
+  REQUIRE(stale.accepted);
+  CHECK(stale.ack.staleness == 1);
+  // x = 0.5 * x1 + 0.5 * (x0 + 4) = 0.5 * (x0 + 1) + 0.5 * (x0 + 4) = x0 + 2.5
+  CHECK(torch::allclose(weight(store, "a"), torch::arange(6, torch::kFloat32).reshape({2, 3}) + 2.5));
+  CHECK(store.find("sql")->staleness_histogram.at(1) == 1);
+}
+
+TEST_CASE("store: every bad update is rejected with its reason and counted", "[store]") {
+  actors::ExpertStore store(options("fedasync"));
+  store.install(initial());
+  REQUIRE(store.push(update("ok", 0, 1.0f)).accepted);
+  auto before = weight(store, "a").clone();
+
+  auto expect = [&](net::UpdatePush u, net::RejectReason reason, const std::string& words) {
+    auto r = store.push(u);
+    CHECK_FALSE(r.accepted);
+    CHECK(r.reject.reason == reason);
+    CHECK_THAT(r.reject.detail, Contains(words));
+    CHECK(weight(store, "a").equal(before));
+  };
+  expect(update("ok", 1, 1.0f), net::RejectReason::duplicate_update, "already accepted");
+  expect(update("x1", 1, 1.0f, "docs"), net::RejectReason::unknown_expert, "no expert 'docs'");
+  expect(update("x2", 1, NAN), net::RejectReason::non_finite, "NaN or Inf");
+  auto shape = update("x3", 1, 1.0f);
+  shape.deltas[1] = actors::to_wire("b", torch::zeros({2, 4}));
+  expect(shape, net::RejectReason::shape_mismatch, "has shape [2, 4]");
+  auto twice = update("x4", 1, 1.0f);
+  twice.deltas.push_back(twice.deltas[0]);
+  expect(twice, net::RejectReason::shape_mismatch, "appears twice");
+  for (int i = 0; i < 5; ++i) REQUIRE(store.push(update("v" + std::to_string(i), 1 + i, 0.0f)).accepted);
+  expect(update("x5", 1, 1.0f), net::RejectReason::too_stale, "exceeds max_staleness 4");
+  before = weight(store, "a").clone();
+  expect(update("x6", 99, 1.0f), net::RejectReason::malformed, "expert is at version 6");
+
+  auto status = store.status();
+  REQUIRE(status.size() == 1);
+  auto rejected = status[0]["rejected"];
+  CHECK(rejected["duplicate_update"] == 1);
+  CHECK(rejected["non_finite"] == 1);
+  CHECK(rejected["shape_mismatch"] == 2);
+  CHECK(rejected["too_stale"] == 1);
+  CHECK(rejected["malformed"] == 1);
+  CHECK(status[0]["accepted"] == 6);
+  CHECK(status[0]["workers"]["w1"]["accepted"] == 6);
+  CHECK(status[0]["version"] == 6);
+}
+
+TEST_CASE("store: a restarted store reaches exactly the acknowledged state", "[store]") {
+  for (const char* policy : {"fedasync", "fedbuff", "fedavg"}) {
+    INFO(policy);
+    TempDir dir;
+    actors::ExpertStore memory(options(policy));  // the same sequence without a directory
+    memory.install(initial());
+    std::vector<net::UpdatePush> sequence;
+    {
+      actors::ExpertStore store(options(policy, dir.path.string()));
+      store.install(initial());
+      for (int i = 0; i < 5; ++i) {
+        // Trained from the version the expert is at (FedAvg refuses earlier rounds' updates).
+        sequence.push_back(update("u" + std::to_string(i), memory.find("sql")->weights.version, 0.5f * float(i + 1),
+                                  "sql", "w" + std::to_string(i % 2), 10 + i));
+        REQUIRE(memory.push(sequence.back()).accepted);
+        REQUIRE(store.push(sequence.back()).accepted);
+      }
+      // FedAvg: 3 updates closed round 1, 2 wait in round 2 until its deadline closes it (logged too).
+      if (std::string(policy) == "fedavg") CHECK(store.close_round("sql"));
+    }  // the store is gone; only the directory remains
+    if (std::string(policy) == "fedavg") memory.close_round("sql");
+    actors::ExpertStore again(options(policy, dir.path.string()));
+    REQUIRE(again.contains("sql"));
+    const auto* e = again.find("sql");
+    const auto* m = memory.find("sql");
+    CHECK(e->weights.version == m->weights.version);
+    CHECK(e->policy->pending() == m->policy->pending());
+    for (const auto& [name, w] : m->weights.weights) CHECK(e->weights.weights.at(name).equal(w));
+    CHECK(e->seen.size() == 5);
+    // Acknowledged ids stay known: a retried update is not applied twice.
+    CHECK(again.push(sequence[2]).reject.reason == net::RejectReason::duplicate_update);
+    // And the federation goes on from there identically.
+    auto next = update("u9", e->weights.version, 1.0f);
+    auto a = again.push(next), b = memory.push(next);
+    CHECK(a.accepted == b.accepted);
+    for (const auto& [name, w] : memory.find("sql")->weights.weights) CHECK(again.find("sql")->weights.weights.at(name).equal(w));
+  }
+}
+
+TEST_CASE("store: a torn log tail is dropped, snapshots restart the log", "[store]") {
+  TempDir dir;
+  auto o = options("fedasync", dir.path.string());
+  o.snapshot_every = 2;
+  {
+    actors::ExpertStore store(o);
+    store.install(initial());
+    for (int i = 0; i < 3; ++i) REQUIRE(store.push(update("u" + std::to_string(i), uint64_t(i), 1.0f)).accepted);
+    CHECK(store.find("sql")->snapshot_version == 2);  // versions 1, 2 in the snapshot; 3 in the log
+  }
+  auto log = dir.path / "sql" / "updates.log";
+  const auto good_size = fs::file_size(log);
+  CHECK(good_size > 0);
+  {
+    std::ofstream(log, std::ios::app | std::ios::binary) << "FMLG and then the machine lost power";
+  }
+  actors::ExpertStore again(o);
+  CHECK(again.find("sql")->weights.version == 3);
+  CHECK(fs::file_size(log) == good_size);  // the torn tail was cut off
+  CHECK(again.push(update("u3", 3, 1.0f)).accepted);
+
+  SECTION("a corrupt snapshot is an error naming the file") {
+    { std::ofstream(dir.path / "sql" / "snapshot.safetensors", std::ios::trunc) << "not a snapshot"; }
+    CHECK_THROWS_WITH(actors::ExpertStore(o), Contains("snapshot.safetensors"));
+  }
+}
+
+TEST_CASE("shard actor: UpdatePush gets UpdateAck or UpdateReject, status counts them", "[store][shard]") {
+  runtime::NodeSystem node;
+  auto o = options("fedasync");
+  auto shard = node.own(node.system().spawn(actors::expert_shard_with, std::string("shard-u"), node.transport(), o));
+  const auto timeout = std::chrono::milliseconds(30'000);
+  REQUIRE(runtime::push_snapshot(node, shard, initial(), timeout).ok);
+  auto ok = runtime::push_update(node, shard, update("u1", 0, 2.0f), timeout);
+  REQUIRE(ok.ok);
+  CHECK(ok.accepted);
+  CHECK(ok.ack.new_version == 1);
+  auto dup = runtime::push_update(node, shard, update("u1", 0, 2.0f), timeout);
+  REQUIRE(dup.ok);
+  CHECK_FALSE(dup.accepted);
+  CHECK(dup.reject.reason == net::RejectReason::duplicate_update);
+  auto pulled = runtime::pull_snapshot(node, shard, "sql", 1, timeout);
+  REQUIRE(pulled.ok);
+  CHECK(pulled.snapshot.version == 1);
+  std::string error;
+  auto status = runtime::node_status(node, shard, timeout, &error);
+  REQUIRE(status);
+  auto j = nlohmann::json::parse(*status);
+  CHECK(j["updates_received"] == 2);
+  CHECK(j["experts"][0]["rejected"]["duplicate_update"] == 1);
+  CHECK(j["experts"][0]["version"] == 1);
+}
