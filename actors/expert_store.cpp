@@ -193,20 +193,23 @@ std::vector<std::string> ExpertStore::expert_ids() const {
 }
 
 void ExpertStore::publish(HostedExpert& e) {
-  // One immutable copy per version serves pulls (the bytes a transfer references never change) and
-  // FedAsync's history alike.
-  model::TensorMap frozen;
-  for (const auto& [name, w] : e.weights.weights) frozen.emplace(name, w.clone());
+  // Policies replace tensors instead of changing them (model/aggregation.cpp), so this version's
+  // tensors stay as they are while pulls reference them and while FedAsync's history holds them.
   net::ExpertSnapshot snap;
   snap.spec = e.spec;
   snap.version = e.weights.version;
-  for (const auto& [name, t] : frozen) snap.tensors.push_back(to_wire(name, t));
-  e.published_checksum = net::checksum(snap.tensors);
+  for (const auto& [name, t] : e.weights.weights) snap.tensors.push_back(to_wire(name, t));
+  e.published_checksum.reset();  // computed when status or a receipt asks for it
   e.published_bytes = 0;
   for (const auto& t : snap.tensors) e.published_bytes += t.size_bytes;
   e.published = std::move(snap);
-  e.history.emplace_back(e.weights.version, std::move(frozen));
+  e.history.emplace_back(e.weights.version, e.weights.weights);
   while (e.history.size() > std::max<uint64_t>(options_.history_versions, 1)) e.history.pop_front();
+}
+
+uint64_t ExpertStore::checksum_of(const HostedExpert& e) const {
+  if (!e.published_checksum) e.published_checksum = net::checksum(e.published.tensors);
+  return *e.published_checksum;
 }
 
 net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
@@ -217,10 +220,11 @@ net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
   if (it != experts_.end() && snap.version <= it->second.weights.version) {
     const auto& e = it->second;
     return {id, e.weights.version, static_cast<uint32_t>(e.published.tensors.size()), e.published_bytes,
-            e.published_checksum};
+            checksum_of(e)};
   }
   // The received tensors are immutable views of the message buffer: they serve pulls as they are
-  // (no copy), and the weights are copied only when the first update changes them.
+  // (no copy). Policies never change tensors in place (each version gets new ones), so they are
+  // the weights as well.
   model::TensorMap weights;
   for (const auto& t : snap.tensors) {
     if (weights.count(t.name)) throw std::invalid_argument("tensor '" + t.name + "' appears twice in the snapshot");
@@ -239,7 +243,6 @@ net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
   fresh.spec = snap.spec;
   fresh.weights.version = snap.version;
   fresh.weights.weights = weights;
-  fresh.owns_weights = false;
   fresh.policy = model::make_policy(options_.policy);
   fresh.published = snap;
   fresh.published_checksum = net::checksum(snap.tensors);
@@ -251,7 +254,7 @@ net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
     open_files(id, e, /*truncate_log=*/true);
   }
   return {id, e.weights.version, static_cast<uint32_t>(e.published.tensors.size()), e.published_bytes,
-          e.published_checksum};
+          checksum_of(e)};
 }
 
 PushResult ExpertStore::push(const net::UpdatePush& u) {
@@ -302,10 +305,6 @@ PushResult ExpertStore::fold(HostedExpert& e, const net::UpdatePush& u, bool rep
   for (const auto& [version, weights] : e.history)
     if (version == u.base_version) base = &weights;
   const uint64_t pre_version = e.weights.version;
-  if (!e.owns_weights) {  // first change since install: copy the read-only views
-    for (auto& [name, w] : e.weights.weights) w = w.clone();
-    e.owns_weights = true;
-  }
   auto outcome = e.policy->submit(e.weights, cu, base);
   if (!outcome.accepted()) return refuse(wire_reason(outcome.reason), outcome.detail);
 
@@ -342,7 +341,6 @@ bool ExpertStore::close_round(const std::string& expert_id) {
   if (it == experts_.end()) return false;
   auto& e = it->second;
   const uint64_t pre_version = e.weights.version;
-  if (!e.owns_weights) return false;  // no update since install: no round to close
   auto outcome = e.policy->on_deadline(e.weights);
   if (outcome.verdict != model::Outcome::Verdict::applied) return false;
   if (e.log_fd >= 0)
@@ -457,7 +455,7 @@ json ExpertStore::status() const {
                        {"pending", e.policy->pending().size()},
                        {"tensors", e.published.tensors.size()},
                        {"bytes", e.published_bytes},
-                       {"checksum", hex16(e.published_checksum)},
+                       {"checksum", hex16(checksum_of(e))},
                        {"accepted", e.accepted},
                        {"versions_applied", e.versions_applied},
                        {"rejected", e.rejected},

@@ -56,12 +56,12 @@ struct WorkerFigures {
 
 struct HostedExpert {
   net::ExpertSpec spec;
-  model::ExpertWeights weights;                      // CPU, the snapshot's dtype; the policy changes them in place
-  bool owns_weights = true;                          // false: still views of the installed message (read-only)
+  model::ExpertWeights weights;                      // CPU, the snapshot's dtype; never changed in place
   std::unique_ptr<model::AggregationPolicy> policy;
   std::deque<std::pair<uint64_t, model::TensorMap>> history;  // (version, immutable weights), newest last
   net::ExpertSnapshot published;                     // the current version for pulls; never changes after publishing
-  uint64_t published_checksum = 0, published_bytes = 0;
+  mutable std::optional<uint64_t> published_checksum;  // of `published`, computed on demand
+  uint64_t published_bytes = 0;
   std::set<std::string> seen;                        // accepted update ids
   // counters
   uint64_t accepted = 0, versions_applied = 0;
@@ -103,6 +103,7 @@ class ExpertStore {
 
  private:
   void publish(HostedExpert& e);
+  uint64_t checksum_of(const HostedExpert& e) const;
   void after_apply(HostedExpert& e);
   void open_files(const std::string& expert_id, HostedExpert& e, bool truncate_log);
   void write_snapshot(const std::string& expert_id, HostedExpert& e);

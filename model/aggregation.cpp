@@ -95,6 +95,7 @@ std::pair<UpdateRejection, std::string> check_delta(const TensorMap& weights, co
   if (delta.empty()) return {UpdateRejection::empty, "the update has no tensors"};
   for (const auto& [name, w] : weights)
     if (!delta.count(name)) return {UpdateRejection::shape_mismatch, "tensor '" + name + "' is missing from the update"};
+  std::vector<torch::Tensor> sums;
   for (const auto& [name, d] : delta) {
     auto it = weights.find(name);
     if (it == weights.end()) return {UpdateRejection::shape_mismatch, "tensor '" + name + "' is not part of this expert"};
@@ -103,10 +104,14 @@ std::pair<UpdateRejection, std::string> check_delta(const TensorMap& weights, co
     if (d.sizes() != it->second.sizes())
       return {UpdateRejection::shape_mismatch, "tensor '" + name + "' has shape " + shape_str(d.sizes()) +
                                                    ", the expert's is " + shape_str(it->second.sizes())};
-    if (!torch::isfinite(d).all().item<bool>())
-      return {UpdateRejection::non_finite, "tensor '" + name + "' contains NaN or Inf"};
+    sums.push_back(d.sum(torch::kFloat64).reshape({1}));
   }
-  return {UpdateRejection::none, ""};
+  // NaN and Inf make a sum non-finite, so one reduction per tensor and one host sync clear the
+  // common case; only then is the offending tensor looked for.
+  if (torch::isfinite(torch::cat(sums)).all().item<bool>()) return {UpdateRejection::none, ""};
+  for (const auto& [name, d] : delta)
+    if (!torch::isfinite(d).all().item<bool>()) return {UpdateRejection::non_finite, "tensor '" + name + "' contains NaN or Inf"};
+  return {UpdateRejection::none, ""};  // only the fp64 sum overflowed: the values are finite
 }
 
 double global_norm(const TensorMap& delta) {
@@ -135,15 +140,15 @@ Outcome AggregationPolicy::submit(ExpertWeights& expert, const ClientUpdate& u, 
 
   // Work in fp32 on the expert's device, whatever the worker sent.
   TensorMap delta;
-  // Copies (never views): the caller's tensors may point into a received message buffer.
-  for (const auto& [name, d] : u.delta)
-    delta[name] = d.to(expert.weights.at(name).device(), torch::kFloat32, /*non_blocking=*/false, /*copy=*/true);
+  // No copy when the update is already fp32 on the right device: policies never modify a delta in
+  // place (it may point into a received message buffer).
+  for (const auto& [name, d] : u.delta) delta[name] = d.to(expert.weights.at(name).device(), torch::kFloat32);
   Outcome out;
   out.staleness = staleness;
   if (config_.clip_norm > 0) {
     const double norm = global_norm(delta);
     if (norm > config_.clip_norm) {
-      for (auto& [name, d] : delta) d.mul_(config_.clip_norm / norm);
+      for (auto& [name, d] : delta) d = d * (config_.clip_norm / norm);
       out.clipped = true;
     }
   }
@@ -161,7 +166,9 @@ Outcome AggregationPolicy::on_deadline(ExpertWeights& expert) {
 
 void AggregationPolicy::apply_step(ExpertWeights& expert, const TensorMap& step, double scale) {
   torch::NoGradGuard no_grad;
-  for (auto& [name, w] : expert.weights) w.add_(step.at(name).to(w.scalar_type()), scale);
+  // Out of place: each version's tensors stay immutable, so a caller may keep and serve them (a
+  // shard's published snapshot, FedAsync's history) without copying.
+  for (auto& [name, w] : expert.weights) w = w.add(step.at(name).to(w.scalar_type()), scale);
   expert.version += 1;
 }
 
@@ -250,7 +257,7 @@ class FedAsync final : public AggregationPolicy {
       for (auto& [name, d] : delta) {
         auto b = base->find(name);
         if (b == base->end()) continue;  // the caller's history lacks it: treat as x_base = x
-        d.add_(b->second.to(d.device(), torch::kFloat32)).sub_(expert.weights.at(name).to(torch::kFloat32));
+        d = d + b->second.to(d.device(), torch::kFloat32) - expert.weights.at(name).to(torch::kFloat32);
       }
     }
     apply_step(expert, delta, config_.server_lr * a);
