@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include <caf/actor_cast.hpp>
+#include <caf/atom.hpp>
 #include <caf/event_based_actor.hpp>
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
@@ -14,6 +15,8 @@ namespace fedmoe::actors {
 namespace {
 
 using Self = caf::stateful_actor<ExpertShardState>;
+// (expert id, version the round started at): FedAvg's round deadline, sent by the shard to itself.
+using round_deadline_atom = caf::atom_constant<caf::atom("rdeadline")>;
 
 void reply(Self* self, uint64_t correlation_id, net::Body body) {
   auto to = caf::actor_cast<caf::actor>(self->current_sender());
@@ -64,6 +67,13 @@ void on_update(Self* self, const net::Message& m, const net::UpdatePush& u) {
   } catch (const std::exception& e) {  // storage trouble: say so, do not acknowledge
     return reply_error(self, m.correlation_id, "storage_error", e.what());
   }
+  const auto& policy = self->state.store->options().policy;
+  if (r.accepted && !r.applied && policy.name == "fedavg" && policy.round_deadline_ms > 0) {
+    const auto* e = self->state.store->find(u.expert_id);
+    if (e && e->policy->pending().size() == 1)  // this update opened a round: its deadline starts now
+      self->delayed_send(self, std::chrono::milliseconds(policy.round_deadline_ms), round_deadline_atom::value,
+                         u.expert_id, e->weights.version);
+  }
   if (!r.accepted) {
     spdlog::info("{}: rejected update '{}' of '{}' from {}: {} ({})", self->state.node_id, u.update_id, u.expert_id,
                  u.worker_id, net::to_string(r.reject.reason), r.reject.detail);
@@ -101,6 +111,22 @@ caf::behavior expert_shard_with(Self* self, std::string node_id, std::shared_ptr
   self->state.transport = std::move(transport);
   self->state.store = std::make_unique<ExpertStore>(std::move(options));
   return {
+      [=](round_deadline_atom, const std::string& expert_id, uint64_t round_version) {
+        const auto* e = self->state.store->find(expert_id);
+        if (!e || e->weights.version != round_version || e->policy->pending().empty()) return;  // closed already
+        try {
+          if (self->state.store->close_round(expert_id)) {
+            spdlog::info("{}: round of '{}' closed at its deadline: v{}", self->state.node_id, expert_id,
+                         self->state.store->find(expert_id)->weights.version);
+            return;
+          }
+        } catch (const std::exception& ex) {
+          spdlog::error("{}: closing the round of '{}' failed: {}", self->state.node_id, expert_id, ex.what());
+        }
+        // Fewer than min_updates: wait another deadline.
+        self->delayed_send(self, std::chrono::milliseconds(self->state.store->options().policy.round_deadline_ms),
+                           round_deadline_atom::value, expert_id, round_version);
+      },
       [=](net::WireFrame& frame) {
         auto received = self->state.transport->receive(self, frame);
         if (!received) return;  // a bulk fetch is under way; the frame comes back when it is done

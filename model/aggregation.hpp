@@ -61,6 +61,7 @@ struct PolicyConfig {
   // FedAvg
   uint64_t clients_per_round = 3;
   uint64_t min_updates = 1;  // a round that reaches its deadline aggregates if it has at least this many
+  uint64_t round_deadline_ms = 0;  // the caller's clock: close a round this long after its first update (0: never)
   // FedBuff
   uint64_t buffer_size = 4;
 

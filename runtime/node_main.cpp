@@ -49,6 +49,9 @@ struct NodeFlags {
   std::string listen = "127.0.0.1:0";
   std::string node_id;
   std::string bulk_advertise;
+  // shard: aggregation and durability
+  actors::ExpertStoreOptions store;
+  std::string staleness_function = "exponential";
 };
 
 int run_shard(const NodeFlags& f, const sigset_t& signals) {
@@ -58,7 +61,10 @@ int run_shard(const NodeFlags& f, const sigset_t& signals) {
   opts.bulk_advertise_host = f.bulk_advertise;
   NodeSystem node(opts);
   std::string id = f.node_id.empty() ? "shard-" + std::to_string(::getpid()) : f.node_id;
-  auto shard = node.own(node.system().spawn(actors::expert_shard, id, node.transport()));
+  auto store = f.store;
+  store.policy.staleness_function = model::StalenessFunction::parse(f.staleness_function);
+  model::make_policy(store.policy);  // a bad configuration fails here, with the field named
+  auto shard = node.own(node.system().spawn(actors::expert_shard_with, id, node.transport(), store));
   uint16_t port = node.publish(shard, listen.host, listen.port);
   // Scripts wait for this line (and read the port from it when --listen asked for port 0).
   std::cout << "fedmoe-node: shard '" << id << "' listening on " << listen.host << ":" << port
@@ -166,6 +172,32 @@ int node_main(int argc, char** argv) {
   app.add_option("--node-id", nf.node_id, "this node's id (default: role-pid)");
   app.add_option("--bulk-advertise", nf.bulk_advertise,
                  "host that peers use to reach this node's bulk channel (default: the --listen host)");
+
+  auto& pc = nf.store.policy;
+  const char* shard_group = "Shard: aggregation and durability";
+  app.add_option("--policy", pc.name, "aggregation policy: fedavg|fedasync|fedbuff")
+      ->check(CLI::IsMember({"fedavg", "fedasync", "fedbuff"}))->group(shard_group);
+  app.add_option("--server-lr", pc.server_lr, "server learning rate applied to every aggregated step")->group(shard_group);
+  app.add_option("--staleness-decay", pc.staleness_decay, "decay of the staleness function")->group(shard_group);
+  app.add_option("--max-staleness", pc.max_staleness, "updates staler than this are rejected")->group(shard_group);
+  app.add_option("--clip-norm", pc.clip_norm, "clip each update's global L2 norm to this (0: off)")->group(shard_group);
+  app.add_option("--async-alpha", pc.alpha, "fedasync: mixing weight alpha (a_t = alpha * s(staleness))")->group(shard_group);
+  app.add_option("--staleness-function", nf.staleness_function, "fedasync: constant|polynomial|hinge|exponential")
+      ->check(CLI::IsMember({"constant", "polynomial", "hinge", "exponential"}))->group(shard_group);
+  app.add_option("--staleness-exponent", pc.staleness_exponent, "fedasync polynomial: (1 + staleness)^-exponent")
+      ->group(shard_group);
+  app.add_option("--hinge-start", pc.hinge_start, "fedasync hinge: full weight up to this staleness")->group(shard_group);
+  app.add_option("--clients-per-round", pc.clients_per_round, "fedavg: updates per round")->group(shard_group);
+  app.add_option("--min-updates", pc.min_updates, "fedavg: a round closes at its deadline with at least this many")
+      ->group(shard_group);
+  app.add_option("--round-deadline-ms", pc.round_deadline_ms,
+                 "fedavg: close a round this long after its first update (stragglers arriving later are stale; 0: never)")
+      ->group(shard_group);
+  app.add_option("--buffer-size", pc.buffer_size, "fedbuff: updates per aggregation (K)")->group(shard_group);
+  app.add_option("--state-dir", nf.store.state_dir,
+                 "keep experts and every accepted update here; a restarted shard resumes from it")->group(shard_group);
+  app.add_option("--snapshot-every", nf.store.snapshot_every, "versions between snapshots (the log covers the rest)")
+      ->group(shard_group);
 
   PushFlags pf;
   auto* push = app.add_subcommand("push", "send an expert snapshot to a shard and verify its checksum");

@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <thread>
 #include <fstream>
 
 #include <nlohmann/json.hpp>
@@ -242,4 +243,32 @@ TEST_CASE("shard actor: UpdatePush gets UpdateAck or UpdateReject, status counts
   CHECK(j["updates_received"] == 2);
   CHECK(j["experts"][0]["rejected"]["duplicate_update"] == 1);
   CHECK(j["experts"][0]["version"] == 1);
+}
+
+TEST_CASE("shard actor: a FedAvg round closes at its deadline with the updates that arrived", "[store][shard]") {
+  runtime::NodeSystem node;
+  auto o = options("fedavg");
+  o.policy.clients_per_round = 3;
+  o.policy.round_deadline_ms = 150;
+  auto shard = node.own(node.system().spawn(actors::expert_shard_with, std::string("shard-r"), node.transport(), o));
+  const auto timeout = std::chrono::milliseconds(30'000);
+  REQUIRE(runtime::push_snapshot(node, shard, initial(), timeout).ok);
+  auto first = runtime::push_update(node, shard, update("u1", 0, 2.0f, "sql", "w1", 10), timeout);
+  REQUIRE(first.accepted);
+  CHECK(first.ack.new_version == 0);  // buffered in round 1
+  REQUIRE(runtime::push_update(node, shard, update("u2", 0, 4.0f, "sql", "w2", 30), timeout).accepted);
+  // The deadline passes with 2 of 3 updates: the round closes with them, weighted 10:30.
+  auto pulled = runtime::pull_snapshot(node, shard, "sql", 1, timeout);
+  for (int i = 0; i < 100 && !pulled.ok; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    pulled = runtime::pull_snapshot(node, shard, "sql", 1, timeout);
+  }
+  REQUIRE(pulled.ok);
+  CHECK(pulled.snapshot.version == 1);
+  auto a = actors::from_wire(pulled.snapshot.tensors[0]);
+  CHECK(torch::allclose(a, torch::arange(6, torch::kFloat32).reshape({2, 3}) + 3.5));  // (10*2 + 30*4) / 40
+  // A straggler of the closed round is too stale.
+  auto late = runtime::push_update(node, shard, update("u3", 0, 1.0f), timeout);
+  REQUIRE(late.ok);
+  CHECK(late.reject.reason == net::RejectReason::too_stale);
 }
