@@ -9,6 +9,7 @@
 
 #include "model/checkpoint.hpp"
 #include "model/data.hpp"
+#include "model/dataset.hpp"
 #include "model/generation.hpp"
 #include "model/lm_loss.hpp"
 #include "model/lora.hpp"
@@ -53,49 +54,6 @@ Tokenizer load_tokenizer(const std::string& flag, const std::string& model_dir) 
   if (path.empty()) path = kDefaultTokenizer;
   if (!fs::exists(path)) throw CommandError("tokenizer not found: " + path + " (pass --tokenizer PATH)");
   return Tokenizer::from_file(path);
-}
-
-TextEncoder encoder_for(const Tokenizer& tok) {
-  TextEncoder enc;
-  enc.encode = [&tok](std::string_view s) { return tok.encode(s); };
-  enc.im_start = tok.token_to_id("<|im_start|>").value_or(-1);
-  enc.im_end = tok.token_to_id("<|im_end|>").value_or(-1);
-  enc.eos = tok.token_to_id("<|endoftext|>").value_or(-1);
-  return enc;
-}
-
-// Examples from JSON lines, or documents (plain text, PDF) as text examples.
-std::vector<Example> load_examples(const std::vector<std::string>& paths) {
-  std::vector<Example> out;
-  for (const auto& p : paths) {
-    if (!fs::exists(p)) throw CommandError("data file not found: " + p);
-    if (p.size() > 6 && p.substr(p.size() - 6) == ".jsonl") {
-      auto ex = read_jsonl(p);
-      out.insert(out.end(), ex.begin(), ex.end());
-    } else {
-      for (auto& d : read_documents(p)) out.push_back(Example{Example::Kind::text, std::move(d), {}, {}, {}});
-    }
-  }
-  if (out.empty()) throw CommandError("no examples in the data files");
-  return out;
-}
-
-struct DataSplit {
-  std::vector<PackedSequence> train, validation;
-};
-
-DataSplit prepare(const std::vector<Example>& examples, const Tokenizer& tok, size_t seq_len, double val_fraction,
-                  uint64_t seed) {
-  auto enc = encoder_for(tok);
-  auto split = split_indices(examples.size(), val_fraction, seed);
-  auto pack_of = [&](const std::vector<size_t>& idx) {
-    std::vector<TokenizedExample> t;
-    for (size_t i : idx) t.push_back(tokenize(examples[i], enc));
-    return pack(t, seq_len, enc.eos >= 0 ? enc.eos : 0);
-  };
-  DataSplit d{pack_of(split.train), pack_of(split.validation)};
-  if (d.train.empty()) throw CommandError("the training data is empty after tokenization");
-  return d;
 }
 
 struct TrainFlags {

