@@ -88,6 +88,8 @@ std::string status_json(Self* self) {
   j["role"] = "shard";
   j["experts"] = self->state.store->status();
   j["policy"] = self->state.store->options().policy.name;
+  j["placement_epoch"] = self->state.placement_epoch;
+  j["placed_experts"] = self->state.placed_experts;
   j["snapshots_received"] = self->state.snapshots_received;
   j["pulls_served"] = self->state.pulls_served;
   j["updates_received"] = self->state.updates_received;
@@ -107,10 +109,25 @@ caf::behavior expert_shard(Self* self, std::string node_id, std::shared_ptr<net:
 
 caf::behavior expert_shard_with(Self* self, std::string node_id, std::shared_ptr<net::Transport> transport,
                                 ExpertStoreOptions options) {
+  ShardOptions o;
+  o.store = std::move(options);
+  return expert_shard_node(self, std::move(node_id), std::move(transport), std::move(o));
+}
+
+caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr<net::Transport> transport,
+                                ShardOptions options) {
   self->state.node_id = std::move(node_id);
   self->state.transport = std::move(transport);
-  self->state.store = std::make_unique<ExpertStore>(std::move(options));
+  self->state.store = std::make_unique<ExpertStore>(std::move(options.store));
+  self->state.membership = std::move(options.membership);
+  self->state.membership.hello.node_id = self->state.node_id;
+  self->state.membership.hello.role = net::Role::shard;
+  join(self, *self->state.transport, self->state.membership);
   return {
+      [=](heartbeat_atom) {
+        send_heartbeat(self, *self->state.transport, self->state.membership,
+                       static_cast<float>(self->state.store->expert_ids().size()));
+      },
       [=](round_deadline_atom, const std::string& expert_id, uint64_t round_version) {
         const auto* e = self->state.store->find(expert_id);
         if (!e || e->weights.version != round_version || e->policy->pending().empty()) return;  // closed already
@@ -138,6 +155,20 @@ caf::behavior expert_shard_with(Self* self, std::string node_id, std::shared_ptr
         if (auto* snap = std::get_if<net::ExpertSnapshot>(&m.body)) return on_snapshot(self, m, *snap);
         if (auto* pull = std::get_if<net::SnapshotRequest>(&m.body)) return on_pull(self, m, *pull);
         if (auto* push = std::get_if<net::UpdatePush>(&m.body)) return on_update(self, m, *push);
+        if (auto* map = std::get_if<net::PlacementMap>(&m.body)) {
+          if (map->epoch < self->state.placement_epoch) return;  // an older map overtaken by a newer one
+          self->state.placement_epoch = map->epoch;
+          self->state.placed_experts.clear();
+          for (const auto& p : map->placements)
+            for (const auto& r : p.replicas)
+              if (r.shard_id == self->state.node_id) self->state.placed_experts.push_back(p.expert_id);
+          return;
+        }
+        if (std::holds_alternative<net::HelloAck>(m.body)) return;
+        if (auto* err = std::get_if<net::ErrorReply>(&m.body)) {  // never answer an error with an error
+          if (err->code == "not_a_member") join(self, *self->state.transport, self->state.membership);
+          return;
+        }
         if (auto* st = std::get_if<net::StatusRequest>(&m.body))
           return reply(self, m.correlation_id, net::StatusReply{st->request_id, self->state.node_id, net::Role::shard,
                                                                 status_json(self)});

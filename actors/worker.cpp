@@ -147,6 +147,8 @@ std::string status_json(Self* self) {
                       {"latency_ms", st.options.latency_ms},
                       {"mean_staleness", st.history.empty() ? 0.0 : double(staleness_sum) / double(st.history.size())},
                       {"max_staleness", staleness_max},
+                      {"placement_epoch", st.placement_epoch},
+                      {"assigned_expert", st.assigned_expert},
                       {"rounds", rounds}};
   return j.dump();
 }
@@ -178,9 +180,22 @@ caf::behavior worker(Self* self, std::shared_ptr<net::Transport> transport, Work
   self->state.transport = std::move(transport);
   self->state.options = std::move(options);
   self->state.rng.seed(self->state.options.seed ^ std::hash<std::string>{}(self->state.options.worker_id));
+  auto& mem = self->state.options.membership;
+  mem.hello.node_id = self->state.options.worker_id;
+  mem.hello.role = net::Role::worker;
+  mem.hello.expert = self->state.options.expert_id;
+  mem.hello.declared_speed = 1.0 / std::max(self->state.options.speed_factor, 1e-9);
+  join(self, *self->state.transport, mem);
   self->send(self, pull_atom::value);
   return {
       [=](pull_atom) { pull(self); },
+      [=](heartbeat_atom) {
+        auto& st = self->state;
+        double speed = 0;  // samples per second of the last round, the measured speed
+        if (!st.history.empty() && st.history.back().compute_seconds > 0)
+          speed = 1.0 / (st.history.back().compute_seconds + st.history.back().delay_seconds);
+        send_heartbeat(self, *st.transport, st.options.membership, st.awaiting != 0 ? 1.0f : 0.0f, speed);
+      },
       [=](reply_timeout_atom, uint64_t correlation) {
         if (self->state.awaiting == correlation && !self->state.finished)
           failover(self, "did not answer within " + std::to_string(self->state.options.reply_timeout_ms) + " ms");
@@ -195,6 +210,16 @@ caf::behavior worker(Self* self, std::shared_ptr<net::Transport> transport, Work
         }
         const net::Message& m = received->value();
         if (auto* req = std::get_if<net::StatusRequest>(&m.body)) return reply_status(self, m, *req);
+        if (auto* map = std::get_if<net::PlacementMap>(&m.body)) {
+          if (map->epoch < st.placement_epoch) return;
+          st.placement_epoch = map->epoch;
+          for (const auto& a : map->assignments)
+            if (a.worker_id == st.options.worker_id) st.assigned_expert = a.expert_id;
+          return;
+        }
+        if (std::holds_alternative<net::HelloAck>(m.body)) return;
+        if (auto* err = std::get_if<net::ErrorReply>(&m.body); err && err->code == "not_a_member")
+          return join(self, *st.transport, st.options.membership);
         if (m.correlation_id != st.awaiting || st.awaiting == 0) return;  // late: its request was given up
         if (auto* snap = std::get_if<net::ExpertSnapshot>(&m.body)) return on_snapshot(self, m, *snap);
         if (auto* ack = std::get_if<net::UpdateAck>(&m.body)) {

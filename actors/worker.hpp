@@ -21,6 +21,7 @@
 #include <caf/actor.hpp>
 #include <caf/stateful_actor.hpp>
 
+#include "actors/membership.hpp"
 #include "model/local_update.hpp"
 #include "net/messages.hpp"
 #include "net/transport.hpp"
@@ -38,6 +39,7 @@ struct WorkerOptions {
   uint64_t reply_timeout_ms = 30'000;
   uint64_t retry_ms = 200;                   // wait before pulling again after an error reply
   uint64_t seed = 0;
+  Membership membership;                     // with a coordinator: joins and heartbeats
 };
 
 struct WorkerRoundRecord {
@@ -66,6 +68,8 @@ struct WorkerState {
   WorkerRoundRecord current;       // the round in flight
   std::mt19937_64 rng;
   bool finished = false;
+  uint64_t placement_epoch = 0;
+  std::string assigned_expert;     // what the coordinator's latest map assigns to this worker
 
   static inline const char* name = "fedmoe.worker";
 };

@@ -146,6 +146,7 @@ void write(s::ExpertSpec::Builder b, const ExpertSpec& x) {
   write_texts(b.initTargetModules(x.target_modules.size()), x.target_modules);
   b.setBaseModelId(text(x.base_model_id));
   b.setUseRslora(x.use_rslora);
+  b.setRemoved(x.removed);
 }
 
 void write(s::ExpertRef::Builder b, const ExpertRef& x) {
@@ -164,6 +165,11 @@ void write(s::ExpertPlacement::Builder b, const ExpertPlacement& x) {
   b.setExpertId(text(x.expert_id));
   auto replicas = b.initReplicas(x.replicas.size());
   for (size_t i = 0; i < x.replicas.size(); ++i) write(replicas[i], x.replicas[i]);
+}
+
+void write(s::Assignment::Builder b, const Assignment& x) {
+  b.setWorkerId(text(x.worker_id));
+  b.setExpertId(text(x.expert_id));
 }
 
 void write(s::RouteChoice::Builder b, const RouteChoice& x) {
@@ -193,6 +199,7 @@ class BodyWriter {
     b.setMeasuredSpeed(x.measured_speed);
     b.setEndpoint(text(x.endpoint));
     b.setProtocolVersion(x.protocol_version);
+    b.setExpert(text(x.expert));
   }
   void operator()(const HelloAck& x) {
     auto b = body_.initHelloAck();
@@ -265,6 +272,7 @@ class BodyWriter {
     auto b = body_.initPlacementMap();
     b.setEpoch(x.epoch);
     write_list(b.initPlacements(x.placements.size()), x.placements);
+    write_list(b.initAssignments(x.assignments.size()), x.assignments);
   }
   void operator()(const RouteRequest& x) {
     auto b = body_.initRouteRequest();
@@ -591,6 +599,7 @@ class MessageReader {
     x.measured_speed = r.getMeasuredSpeed();
     x.endpoint = text(r.getEndpoint(), "hello.endpoint");
     x.protocol_version = r.getProtocolVersion();
+    x.expert = id(r.getExpert(), "hello.expert", Presence::optional);
     return x;
   }
 
@@ -635,6 +644,7 @@ class MessageReader {
     }
     x.base_model_id = text(r.getBaseModelId(), "expertSpec.baseModelId");
     x.use_rslora = r.getUseRslora();
+    x.removed = r.getRemoved();
     return x;
   }
 
@@ -718,6 +728,14 @@ class MessageReader {
     PlacementMap x;
     x.epoch = r.getEpoch();
     x.placements = list<ExpertPlacement>(r.getPlacements(), "placementMap.placements");
+    x.assignments = list<Assignment>(r.getAssignments(), "placementMap.assignments");
+    return x;
+  }
+
+  Assignment read(s::Assignment::Reader r) {
+    Assignment x;
+    x.worker_id = id(r.getWorkerId(), "assignment.workerId", Presence::required);
+    x.expert_id = id(r.getExpertId(), "assignment.expertId", Presence::required);
     return x;
   }
 

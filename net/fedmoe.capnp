@@ -47,6 +47,7 @@ struct Hello {
   measuredSpeed @5 :Float64;    # measured by the node itself (0 = not measured yet)
   endpoint @6 :Text;            # HOST:PORT where this node publishes its actor ("" = not reachable)
   protocolVersion @7 :UInt32;
+  expert @8 :Text;              # a worker's preferred expert ("" = the coordinator chooses)
 }
 
 struct HelloAck {
@@ -79,6 +80,7 @@ struct ExpertSpec {
   targetModules @5 :List(Text); # "q_proj", "v_proj", ...
   baseModelId @6 :Text;
   useRslora @7 :Bool;
+  removed @8 :Bool;             # sent to a coordinator: take this expert out of the registry
 }
 
 struct SnapshotRequest {
@@ -157,9 +159,16 @@ struct ExpertPlacement {
   replicas @1 :List(Replica);
 }
 
+# Which expert a worker trains (the coordinator's choice).
+struct Assignment {
+  workerId @0 :Text;
+  expertId @1 :Text;
+}
+
 struct PlacementMap {
   epoch @0 :UInt64;
   placements @1 :List(ExpertPlacement);
+  assignments @2 :List(Assignment);
 }
 
 # --- inference -------------------------------------------------------------------------------------

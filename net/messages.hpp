@@ -53,6 +53,7 @@ struct Hello {
   double measured_speed = 0.0;
   std::string endpoint;
   uint32_t protocol_version = 1;
+  std::string expert;  // a worker's preferred expert ("" = the coordinator chooses)
 };
 struct HelloAck {
   bool accepted = false;
@@ -81,6 +82,7 @@ struct ExpertSpec {
   std::vector<std::string> target_modules;
   std::string base_model_id;
   bool use_rslora = false;
+  bool removed = false;  // to a coordinator: unregister the expert
 };
 struct SnapshotRequest {
   std::string expert_id;
@@ -137,9 +139,14 @@ struct ExpertPlacement {
   std::string expert_id;
   std::vector<Replica> replicas;
 };
+struct Assignment {
+  std::string worker_id;
+  std::string expert_id;
+};
 struct PlacementMap {
   uint64_t epoch = 0;
   std::vector<ExpertPlacement> placements;
+  std::vector<Assignment> assignments;
 };
 
 // --- inference

@@ -90,6 +90,7 @@ ExpertSpec sample_spec() {
   s.target_modules = {"q_proj", "v_proj", "o_proj"};
   s.base_model_id = "Qwen/Qwen2.5-0.5B";
   s.use_rslora = true;
+  s.removed = true;
   return s;
 }
 
@@ -102,6 +103,7 @@ PlacementMap sample_placement_map() {
       {"expert-docs",
        {{"shard-b", "10.0.0.2:7001", 9, true}, {"shard-c", "10.0.0.3:7001", 9, true}, {"shard-d", "", 8, false}}},
   };
+  p.assignments = {{"worker-1", "expert-python"}, {"worker-2", "expert-sql"}};
   return p;
 }
 
@@ -109,7 +111,7 @@ PlacementMap sample_placement_map() {
 std::vector<Body> sample_bodies() {
   std::vector<Body> bodies;
   bodies.push_back(Hello{"node-7", Role::client, DeviceKind::cuda, "NVIDIA H100 80GB HBM3", 2.5, 3.25,
-                         "10.0.0.7:4242", 3});
+                         "10.0.0.7:4242", 3, "expert-sql"});
   bodies.push_back(HelloAck{true, 15000, "welcome back", "coord-1"});
   bodies.push_back(Heartbeat{"worker-3", 99, 2.75f, 1.5});
   bodies.push_back(Leave{"worker-3", "shutdown requested"});
@@ -182,6 +184,7 @@ void check_equal(const Hello& a, const Hello& b) {
   CHECK(a.measured_speed == b.measured_speed);
   CHECK(a.endpoint == b.endpoint);
   CHECK(a.protocol_version == b.protocol_version);
+  CHECK(a.expert == b.expert);
 }
 void check_equal(const HelloAck& a, const HelloAck& b) {
   CHECK(a.accepted == b.accepted);
@@ -208,6 +211,7 @@ void check_equal(const ExpertSpec& a, const ExpertSpec& b) {
   CHECK(a.target_modules == b.target_modules);
   CHECK(a.base_model_id == b.base_model_id);
   CHECK(a.use_rslora == b.use_rslora);
+  CHECK(a.removed == b.removed);
 }
 void check_equal(const SnapshotRequest& a, const SnapshotRequest& b) {
   CHECK(a.expert_id == b.expert_id);
@@ -265,6 +269,11 @@ void check_equal(const PlacementMap& a, const PlacementMap& b) {
   CHECK(a.epoch == b.epoch);
   REQUIRE(a.placements.size() == b.placements.size());
   for (size_t i = 0; i < a.placements.size(); ++i) check_equal(a.placements[i], b.placements[i]);
+  REQUIRE(a.assignments.size() == b.assignments.size());
+  for (size_t i = 0; i < a.assignments.size(); ++i) {
+    CHECK(a.assignments[i].worker_id == b.assignments[i].worker_id);
+    CHECK(a.assignments[i].expert_id == b.assignments[i].expert_id);
+  }
 }
 void check_equal(const ExpertRef& a, const ExpertRef& b) {
   CHECK(a.expert_id == b.expert_id);

@@ -1,0 +1,33 @@
+// How a shard, worker or router belongs to a federation: Hello to the coordinator when it starts,
+// then a Heartbeat every heartbeat_ms (well inside the lease the HelloAck grants), Leave when it stops
+// cleanly. Shared by the member actors; each handles heartbeat_atom by calling send_heartbeat().
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <caf/actor.hpp>
+#include <caf/atom.hpp>
+#include <caf/event_based_actor.hpp>
+
+#include "net/messages.hpp"
+#include "net/transport.hpp"
+
+namespace fedmoe::actors {
+
+using heartbeat_atom = caf::atom_constant<caf::atom("heartbeat")>;
+
+struct Membership {
+  caf::actor coordinator;     // invalid: not in a federation (standalone node)
+  uint64_t heartbeat_ms = 1000;
+  net::Hello hello;           // node id, role, endpoint, device, speed, wish
+  uint64_t seq = 0;
+};
+
+// Sends Hello and schedules the first heartbeat. No-op without a coordinator.
+void join(caf::event_based_actor* self, net::Transport& transport, Membership& m);
+// Sends one Heartbeat (load, measured speed) and schedules the next.
+void send_heartbeat(caf::event_based_actor* self, net::Transport& transport, Membership& m, float load = 0,
+                    double measured_speed = 0);
+
+}  // namespace fedmoe::actors

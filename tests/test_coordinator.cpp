@@ -1,0 +1,195 @@
+// The coordinator: the Registry's placement, assignment, expiry and persistence as plain code, and
+// the coordinator actor with real shard actors that join, heartbeat, receive placement maps and die.
+#include <catch2/catch.hpp>
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <thread>
+
+#include <caf/send.hpp>
+#include <nlohmann/json.hpp>
+
+#include "actors/coordinator.hpp"
+#include "actors/expert_shard.hpp"
+#include "actors/registry.hpp"
+#include "runtime/node_system.hpp"
+#include "runtime/snapshot_client.hpp"
+
+using namespace fedmoe;
+namespace fs = std::filesystem;
+
+namespace {
+
+net::Hello hello(const std::string& id, net::Role role, const std::string& wish = "") {
+  net::Hello h;
+  h.node_id = id;
+  h.role = role;
+  h.endpoint = "127.0.0.1:1";
+  h.expert = wish;
+  return h;
+}
+
+net::ExpertSpec spec(const std::string& id) {
+  net::ExpertSpec s;
+  s.expert_id = id;
+  s.domain = id;
+  s.target_modules = {"q_proj"};
+  return s;
+}
+
+std::map<std::string, size_t> replicas_per_shard(const actors::Registry& r) {
+  std::map<std::string, size_t> held;
+  for (const auto& [id, s] : r.experts())
+    for (const auto& shard : r.replicas_of(id)) ++held[shard];
+  return held;
+}
+
+}  // namespace
+
+TEST_CASE("registry: R replicas on distinct live shards, balanced, re-placed when a shard dies", "[coordinator]") {
+  actors::Registry r({3, 1000});
+  for (int i = 0; i < 4; ++i) r.join(hello("shard-" + std::to_string(i), net::Role::shard), 0);
+  CHECK(r.add_expert(spec("python")));
+  r.add_expert(spec("sql"));
+  r.add_expert(spec("docs"));
+  r.add_expert(spec("go"));
+  for (const auto& e : {"python", "sql", "docs", "go"}) {
+    auto rs = r.replicas_of(e);
+    CHECK(rs.size() == 3);
+    CHECK(std::set<std::string>(rs.begin(), rs.end()).size() == 3);
+  }
+  for (const auto& [shard, n] : replicas_per_shard(r)) CHECK(n == 3);  // 12 replicas over 4 shards
+  const auto before = r.replicas_of("python");
+  const auto epoch = r.epoch();
+
+  // shard-0 stops heartbeating; everyone else does.
+  for (int i = 1; i < 4; ++i) r.heartbeat({"shard-" + std::to_string(i), 1, 0, 0}, 900);
+  std::vector<std::string> died;
+  CHECK(r.expire(1500, &died));
+  CHECK(died == std::vector<std::string>{"shard-0"});
+  CHECK(r.epoch() > epoch);
+  for (const auto& e : {"python", "sql", "docs", "go"}) {
+    auto rs = r.replicas_of(e);
+    CHECK(rs.size() == 3);
+    CHECK(std::find(rs.begin(), rs.end(), "shard-0") == rs.end());
+  }
+  // Live replicas stayed where they were.
+  for (const auto& s : before)
+    if (s != "shard-0") CHECK(std::find(r.replicas_of("python").begin(), r.replicas_of("python").end(), s) !=
+                                r.replicas_of("python").end());
+  // Fewer live shards than R: every live shard holds every expert.
+  r.leave("shard-1");
+  CHECK(r.replicas_of("sql").size() == 2);
+}
+
+TEST_CASE("registry: workers get their wish, else the expert with the fewest workers", "[coordinator]") {
+  actors::Registry r({3, 1000});
+  r.add_expert(spec("python"));
+  r.add_expert(spec("sql"));
+  r.join(hello("w-a", net::Role::worker, "sql"), 0);
+  r.join(hello("w-b", net::Role::worker), 0);
+  r.join(hello("w-c", net::Role::worker), 0);
+  r.join(hello("w-d", net::Role::worker, "nonexistent"), 0);
+  CHECK(r.assignment_of("w-a") == "sql");
+  std::map<std::string, int> per;
+  for (const auto& w : {"w-a", "w-b", "w-c", "w-d"}) ++per[*r.assignment_of(w)];
+  CHECK(per["python"] == 2);
+  CHECK(per["sql"] == 2);
+  // Removing an expert moves its workers.
+  r.remove_expert("sql");
+  CHECK(r.assignment_of("w-a") == "python");
+  CHECK(r.placement().assignments.size() == 4);
+}
+
+TEST_CASE("registry: to_json -> from_json restores experts, placement, assignments, epoch", "[coordinator]") {
+  actors::Registry r({2, 1000});
+  for (int i = 0; i < 3; ++i) r.join(hello("shard-" + std::to_string(i), net::Role::shard), 0);
+  r.add_expert(spec("python"));
+  r.join(hello("w-1", net::Role::worker), 0);
+  auto back = actors::Registry::from_json(r.to_json(), {2, 1000}, 5000);
+  CHECK(back.epoch() == r.epoch());
+  CHECK(back.replicas_of("python") == r.replicas_of("python"));
+  CHECK(back.assignment_of("w-1") == "python");
+  CHECK(back.experts().at("python").target_modules == std::vector<std::string>{"q_proj"});
+  CHECK_THROWS_WITH(actors::Registry::from_json(nlohmann::json{{"epoch", 1}}, {2, 1000}, 0),
+                    Catch::Matchers::Contains("coordinator state"));
+}
+
+TEST_CASE("coordinator actor: shards join, get placed, die and are replaced; state survives a restart",
+          "[coordinator]") {
+  std::string tmpl = (fs::temp_directory_path() / "fedmoe_coord_XXXXXX").string();
+  REQUIRE(mkdtemp(tmpl.data()) != nullptr);
+  fs::path dir = tmpl;
+  const auto timeout = std::chrono::milliseconds(30'000);
+  runtime::NodeSystem node;
+  actors::CoordinatorOptions co;
+  co.registry = {2, 400};
+  co.state_dir = dir.string();
+  auto coord = node.system().spawn(actors::coordinator, node.transport(), co);
+  std::vector<caf::actor> shards;
+  for (int i = 0; i < 3; ++i) {
+    actors::ShardOptions so;
+    so.membership.coordinator = coord;
+    so.membership.heartbeat_ms = 100;
+    shards.push_back(
+        node.system().spawn(actors::expert_shard_node, "shard-" + std::to_string(i), node.transport(), so));
+  }
+  // A client registers two experts (the reply is the placement map).
+  for (const auto& e : {"python", "sql"}) {
+    caf::scoped_actor client{node.system()};
+    net::Message m;
+    m.sender_id = "client";
+    m.correlation_id = 1;
+    m.body = spec(e);
+    node.transport()->send(caf::actor{client}, coord, m);
+    auto r = node.transport()->await(client, timeout);
+    REQUIRE(r);
+    REQUIRE(*r);
+    REQUIRE(std::holds_alternative<net::PlacementMap>(r->value().body));
+  }
+  auto status = [&](const caf::actor& a) {
+    std::string error;
+    auto s = runtime::node_status(node, a, timeout, &error);
+    INFO(error);
+    REQUIRE(s);
+    return nlohmann::json::parse(*s);
+  };
+  // Each shard learns its experts from the map: 2 experts x 2 replicas over 3 shards.
+  size_t placed = 0;
+  for (int tries = 0; tries < 50; ++tries) {
+    placed = 0;
+    for (const auto& s : shards) placed += status(s)["placed_experts"].size();
+    if (placed == 4) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  CHECK(placed == 4);
+  auto st = status(coord);
+  CHECK(st["shards"].size() == 3);  // every live shard answered the fan-out
+  CHECK(st["experts"].size() == 2);
+  const auto epoch = st["epoch"].get<uint64_t>();
+
+  // shard-0 dies: after its lease it is replaced wherever it held a replica.
+  caf::anon_send_exit(shards[0], caf::exit_reason::kill);
+  nlohmann::json after;
+  for (int tries = 0; tries < 100; ++tries) {
+    after = status(coord);
+    if (after["epoch"].get<uint64_t>() > epoch) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  REQUIRE(after["epoch"].get<uint64_t>() > epoch);
+  for (const auto& p : after["placement"].items()) {
+    CHECK(p.value().size() == 2);
+    for (const auto& s : p.value()) CHECK(s != "shard-0");
+  }
+  // A restarted coordinator resumes from its directory.
+  caf::anon_send_exit(coord, caf::exit_reason::kill);
+  auto coord2 = node.system().spawn(actors::coordinator, node.transport(), co);
+  auto resumed = status(coord2);
+  CHECK(resumed["experts"].size() == 2);
+  CHECK(resumed["placement"] == after["placement"]);
+  CHECK(resumed["epoch"] == after["epoch"]);
+  for (auto& s : shards) caf::anon_send_exit(s, caf::exit_reason::kill);
+  caf::anon_send_exit(coord2, caf::exit_reason::kill);
+  fs::remove_all(dir);
+}
