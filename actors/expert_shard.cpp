@@ -124,6 +124,11 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
   self->state.membership.hello.role = net::Role::shard;
   join(self, *self->state.transport, self->state.membership);
   return {
+      [=](join_atom, caf::actor coordinator, std::string endpoint) {
+        self->state.membership.coordinator = std::move(coordinator);
+        self->state.membership.hello.endpoint = std::move(endpoint);
+        join(self, *self->state.transport, self->state.membership);
+      },
       [=](heartbeat_atom) {
         send_heartbeat(self, *self->state.transport, self->state.membership,
                        static_cast<float>(self->state.store->expert_ids().size()));

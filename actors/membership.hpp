@@ -16,6 +16,8 @@
 namespace fedmoe::actors {
 
 using heartbeat_atom = caf::atom_constant<caf::atom("heartbeat")>;
+// (coordinator, endpoint): join a federation after the node knows where it is published.
+using join_atom = caf::atom_constant<caf::atom("join")>;
 
 struct Membership {
   caf::actor coordinator;     // invalid: not in a federation (standalone node)

