@@ -16,6 +16,7 @@
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
+#include "actors/registry.hpp"
 #include "actors/tensor_bridge.hpp"
 #include "model/checkpoint.hpp"
 #include "model/safetensors.hpp"
@@ -126,25 +127,6 @@ net::RejectReason wire_reason(model::UpdateRejection r) {
     case model::UpdateRejection::none: return net::RejectReason::malformed;
   }
   return net::RejectReason::unknown;
-}
-
-json spec_json(const net::ExpertSpec& s) {
-  return {{"expert_id", s.expert_id},       {"domain", s.domain},         {"lora_rank", s.lora_rank},
-          {"lora_alpha", s.lora_alpha},     {"lora_dropout", s.lora_dropout}, {"target_modules", s.target_modules},
-          {"base_model_id", s.base_model_id}, {"use_rslora", s.use_rslora}};
-}
-
-net::ExpertSpec spec_from_json(const json& j) {
-  net::ExpertSpec s;
-  s.expert_id = j.at("expert_id").get<std::string>();
-  s.domain = j.value("domain", "");
-  s.lora_rank = j.value("lora_rank", 16u);
-  s.lora_alpha = j.value("lora_alpha", 32.0f);
-  s.lora_dropout = j.value("lora_dropout", 0.0f);
-  s.target_modules = j.value("target_modules", std::vector<std::string>{});
-  s.base_model_id = j.value("base_model_id", "");
-  s.use_rslora = j.value("use_rslora", false);
-  return s;
 }
 
 std::string hex16(uint64_t v) {
@@ -365,7 +347,7 @@ void ExpertStore::write_snapshot(const std::string& expert_id, HostedExpert& e) 
   fs::create_directories(dir);
   model::write_safetensors((dir / "snapshot.safetensors").string(), e.weights.weights,
                            {{"fedmoe.version", std::to_string(e.weights.version)},
-                            {"fedmoe.spec", spec_json(e.spec).dump()}});
+                            {"fedmoe.spec", expert_spec_to_json(e.spec).dump()}});
   e.snapshot_version = e.weights.version;
 }
 
@@ -388,7 +370,7 @@ void ExpertStore::recover(const std::string& expert_id) {
     if (!meta.count("fedmoe.version") || !meta.count("fedmoe.spec"))
       throw std::runtime_error("no fedmoe.version / fedmoe.spec metadata");
     e.weights.version = std::stoull(meta.at("fedmoe.version"));
-    e.spec = spec_from_json(json::parse(meta.at("fedmoe.spec")));
+    e.spec = expert_spec_from_json(json::parse(meta.at("fedmoe.spec")));
     for (auto& [name, t] : model::read_safetensors(snapshot_path.string())) e.weights.weights.emplace(name, t.clone());
   } catch (const std::exception& ex) {
     throw std::runtime_error(snapshot_path.string() + ": cannot recover expert '" + expert_id + "': " + ex.what());

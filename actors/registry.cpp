@@ -9,6 +9,26 @@ namespace fedmoe::actors {
 
 using nlohmann::json;
 
+json expert_spec_to_json(const net::ExpertSpec& s) {
+  return {{"expert_id", s.expert_id},         {"domain", s.domain},
+          {"lora_rank", s.lora_rank},         {"lora_alpha", s.lora_alpha},
+          {"lora_dropout", s.lora_dropout},   {"target_modules", s.target_modules},
+          {"base_model_id", s.base_model_id}, {"use_rslora", s.use_rslora}};
+}
+
+net::ExpertSpec expert_spec_from_json(const json& j) {
+  net::ExpertSpec s;
+  s.expert_id = j.at("expert_id").get<std::string>();
+  s.domain = j.value("domain", "");
+  s.lora_rank = j.value("lora_rank", 16u);
+  s.lora_alpha = j.value("lora_alpha", 32.0f);
+  s.lora_dropout = j.value("lora_dropout", 0.0f);
+  s.target_modules = j.value("target_modules", std::vector<std::string>{});
+  s.base_model_id = j.value("base_model_id", "");
+  s.use_rslora = j.value("use_rslora", false);
+  return s;
+}
+
 bool Registry::join(const net::Hello& h, int64_t now_ms) {
   auto& m = members_[h.node_id];
   m.node_id = h.node_id;
@@ -170,15 +190,7 @@ json Registry::to_json() const {
                        {"wish", m.wish},
                        {"alive", m.alive}});
   json experts = json::array();
-  for (const auto& [id, s] : experts_)
-    experts.push_back({{"expert_id", id},
-                       {"domain", s.domain},
-                       {"lora_rank", s.lora_rank},
-                       {"lora_alpha", s.lora_alpha},
-                       {"lora_dropout", s.lora_dropout},
-                       {"target_modules", s.target_modules},
-                       {"base_model_id", s.base_model_id},
-                       {"use_rslora", s.use_rslora}});
+  for (const auto& [id, s] : experts_) experts.push_back(expert_spec_to_json(s));
   return {{"epoch", epoch_}, {"members", members}, {"experts", experts}, {"placement", placement_},
           {"assignments", assignment_}};
 }
@@ -204,16 +216,8 @@ Registry Registry::from_json(const json& j, Options options, int64_t now_ms) {
       r.members_[x.node_id] = x;
     }
     for (const auto& e : j.at("experts")) {
-      net::ExpertSpec s;
-      s.expert_id = e.at("expert_id").get<std::string>();
-      s.domain = e.value("domain", "");
-      s.lora_rank = e.value("lora_rank", 16u);
-      s.lora_alpha = e.value("lora_alpha", 32.0f);
-      s.lora_dropout = e.value("lora_dropout", 0.0f);
-      s.target_modules = e.value("target_modules", std::vector<std::string>{});
-      s.base_model_id = e.value("base_model_id", "");
-      s.use_rslora = e.value("use_rslora", false);
-      r.experts_[s.expert_id] = s;
+      auto spec = expert_spec_from_json(e);
+      r.experts_[spec.expert_id] = spec;
     }
     r.placement_ = j.at("placement").get<std::map<std::string, std::vector<std::string>>>();
     r.assignment_ = j.at("assignments").get<std::map<std::string, std::string>>();

@@ -31,6 +31,10 @@ struct Member {
   bool alive = true;
 };
 
+// An ExpertSpec as JSON (the coordinator's state file, a shard's snapshot metadata) and back.
+nlohmann::json expert_spec_to_json(const net::ExpertSpec& spec);
+net::ExpertSpec expert_spec_from_json(const nlohmann::json& j);  // throws nlohmann::json::exception
+
 class Registry {
  public:
   struct Options {
