@@ -197,9 +197,12 @@ TEST_CASE("a federation of processes: coordinator, 3 shards, a worker; versions 
                             "--replication", "2", "--state-dir", (dir / "coordinator").string()});
   const std::string c = endpoint(coord.port);
   std::vector<Shard> shards;
-  for (int i = 0; i < 3; ++i)
-    shards.push_back(start_shard({"--role", "shard", "--listen", "127.0.0.1:0", "--node-id", "shard-" + std::to_string(i),
-                                  "--coordinator", c, "--heartbeat-ms", "200"}));
+  auto shard_args = [&](int i, const std::string& listen) {
+    return std::vector<std::string>{"--role", "shard", "--listen", listen, "--node-id", "shard-" + std::to_string(i),
+                                    "--coordinator", c, "--heartbeat-ms", "200", "--state-dir",
+                                    (dir / ("shard-" + std::to_string(i))).string()};
+  };
+  for (int i = 0; i < 3; ++i) shards.push_back(start_shard(shard_args(i, "127.0.0.1:0")));
   std::this_thread::sleep_for(1s);  // the shards' hellos
   auto [es, eout] = run({kNode, "expert", "--coordinator", c, "--add", "sql", "--base-model", (dir / "base").string(),
                          "--rank", "4", "--alpha", "8", "--targets", "q_proj,v_proj"},
@@ -230,6 +233,23 @@ TEST_CASE("a federation of processes: coordinator, 3 shards, a worker; versions 
   const std::string primary = added["replicas"][0];
   CHECK(s["expert_versions"]["sql"][primary] == 3);
   CHECK(s["shards"][primary]["experts"][0]["workers"]["w1"]["accepted"] == 3);
+
+  // SIGKILL the primary and restart it on the same port and directory: every acknowledged update is
+  // still there (snapshot + update log replayed), counters included.
+  const int primary_index = primary.back() - '0';
+  const uint16_t primary_port = shards[primary_index].port;
+  shards[primary_index].process->signal(SIGKILL);
+  shards[primary_index].process->wait(30s);
+  shards[primary_index] = start_shard(shard_args(primary_index, endpoint(primary_port)));
+  {
+    auto [st, out] = run({kNode, "status", "--coordinator", endpoint(primary_port)}, 30s);
+    INFO(out);
+    REQUIRE(st == 0);
+    auto j = nlohmann::json::parse(out.substr(out.find('{')));
+    CHECK(j["experts"][0]["version"] == 3);
+    CHECK(j["experts"][0]["accepted"] == 3);
+    CHECK(j["experts"][0]["workers"]["w1"]["accepted"] == 3);
+  }
 
   // Kill a replica of sql: after its lease the coordinator places sql on the third shard.
   const std::string victim = added["replicas"][1];
