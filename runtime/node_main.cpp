@@ -3,6 +3,7 @@
 #include <csignal>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <pthread.h>
 
@@ -22,6 +23,7 @@
 #include "net/endpoint.hpp"
 #include "runtime/node_system.hpp"
 #include "runtime/snapshot_client.hpp"
+#include "runtime/virtual_sim.hpp"
 
 namespace fedmoe::runtime {
 
@@ -72,6 +74,9 @@ struct NodeFlags {
   int64_t local_steps = 8, batch = 4, seq_len = 128;
   double lr = 1e-3, val_fraction = 0.1;
   uint64_t seed = 0;
+  // sim
+  std::string clock = "virtual", metrics;
+  VirtualSimConfig sim;
 };
 
 // Connects to the coordinator of --coordinator (invalid handle when none is given).
@@ -102,6 +107,29 @@ int run_coordinator(const NodeFlags& f, const sigset_t& signals) {
   announce("coordinator", co.node_id, listen.host, port, node);
   int sig = wait_for_shutdown(signals);
   spdlog::info("{}: {} received, shutting down", co.node_id, sig == SIGINT ? "SIGINT" : "SIGTERM");
+  return 0;
+}
+
+int run_sim(const NodeFlags& f) {
+  if (f.clock != "virtual")
+    throw CLI::ValidationError("--clock", f.clock + ": only the virtual clock is available in this build (real-time "
+                                                    "federations run as separate coordinator/shard/worker nodes)");
+  auto c = f.sim;
+  c.policy = f.store.policy;
+  c.policy.staleness_function = model::StalenessFunction::parse(f.staleness_function);
+  c.latency_ms = double(f.latency_ms);
+  c.jitter_ms = double(f.jitter_ms);
+  c.seed = f.seed ? f.seed : 1;
+  std::ofstream file;
+  if (!f.metrics.empty()) {
+    if (auto parent = std::filesystem::path(f.metrics).parent_path(); !parent.empty())
+      std::filesystem::create_directories(parent);
+    file.open(f.metrics, std::ios::trunc);
+    if (!file) throw std::runtime_error("cannot write " + f.metrics);
+  }
+  auto r = run_virtual_sim(c, f.metrics.empty() ? std::cout : file);
+  std::cerr << "fedmoe-node sim: " << c.workers << " workers, " << r.updates << " updates (" << r.accepted
+            << " accepted) in " << r.virtual_seconds << " virtual s, " << r.wall_seconds << " wall s" << std::endl;
   return 0;
 }
 
@@ -390,6 +418,24 @@ int node_main(int argc, char** argv) {
   app.add_option("--lr", nf.lr, "worker: AdamW learning rate")->group(worker_group);
   app.add_option("--seed", nf.seed, "worker: data order and update ids")->group(worker_group);
 
+  const char* sim_group = "Simulation (--role sim)";
+  app.add_option("--clock", nf.clock, "sim: virtual (discrete events, a cost model) or real")
+      ->check(CLI::IsMember({"virtual", "real"}))->group(sim_group);
+  app.add_option("--workers", nf.sim.workers, "sim: simulated workers")->group(sim_group);
+  app.add_option("--experts", nf.sim.experts, "sim: experts")->group(sim_group);
+  app.add_option("--updates-per-worker", nf.sim.updates_per_worker, "sim: pushes each worker makes")->group(sim_group);
+  app.add_option("--dim", nf.sim.dim, "sim: parameters per expert")->group(sim_group);
+  app.add_option("--compute-seconds", nf.sim.compute_seconds, "sim: a round's compute at speed factor 1")
+      ->group(sim_group);
+  app.add_option("--speed-min", nf.sim.speed_min, "sim: smallest speed factor (round time multiplier)")->group(sim_group);
+  app.add_option("--speed-max", nf.sim.speed_max, "sim: largest speed factor")->group(sim_group);
+  app.add_option("--serve-ms", nf.sim.serve_ms, "sim: shard time per update")->group(sim_group);
+  app.add_option("--sim-local-steps", nf.sim.local_steps, "sim: gradient steps per round")->group(sim_group);
+  app.add_option("--sim-lr", nf.sim.lr, "sim: local learning rate")->group(sim_group);
+  app.add_option("--data-spread", nf.sim.data_spread, "sim: how far workers' private optima lie apart")->group(sim_group);
+  app.add_option("--metrics-every", nf.sim.metrics_every_s, "sim: virtual seconds between loss lines")->group(sim_group);
+  app.add_option("--metrics", nf.metrics, "sim: write metrics JSON lines here (default: stdout)")->group(sim_group);
+
   auto& pc = nf.store.policy;
   const char* shard_group = "Shard: aggregation and durability";
   app.add_option("--policy", pc.name, "aggregation policy: fedavg|fedasync|fedbuff")
@@ -458,6 +504,7 @@ int node_main(int argc, char** argv) {
     if (nf.role == "shard") return run_shard(nf, signals);
     if (nf.role == "coordinator") return run_coordinator(nf, signals);
     if (nf.role == "worker") return run_worker(nf, signals);
+    if (nf.role == "sim") return run_sim(nf);
     std::cerr << "fedmoe-node: role '" << nf.role
               << "' is not available in this build yet; available: coordinator, shard, worker, and the push, "
                  "expert and status subcommands"
