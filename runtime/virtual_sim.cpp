@@ -141,7 +141,9 @@ VirtualSimResult run_virtual_sim(const VirtualSimConfig& c, std::ostream& metric
         }
         if (out.verdict == model::Outcome::Verdict::applied) {
           ex.history.emplace_back(ex.weights.version, ex.weights.weights);
-          while (ex.history.size() > c.policy.max_staleness + 1) ex.history.pop_front();
+          // As a shard: a few recent versions (FedAsync mixes with x_base when it still has it).
+          while (ex.history.size() > std::min<uint64_t>(c.policy.max_staleness + 1, c.history_versions))
+            ex.history.pop_front();
         }
         schedule(served + latency(), Event::Kind::ack_arrives, ev.worker);
         break;
@@ -155,8 +157,23 @@ VirtualSimResult run_virtual_sim(const VirtualSimConfig& c, std::ostream& metric
   result.virtual_seconds = now;
   result.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count();
   for (const auto& e : experts) result.final_loss.push_back(expert_loss(e));
-  nlohmann::json hist = nlohmann::json::object();
-  for (const auto& [s, n] : staleness_histogram) hist[std::to_string(s)] = n;
+  // Exact below 16, then power-of-two buckets ("16-31", "32-63", ...): a 10,000-worker fleet has
+  // thousands of distinct staleness values.
+  std::map<uint64_t, std::pair<std::string, uint64_t>> buckets;  // lower bound -> (label, count)
+  for (const auto& [s, n] : staleness_histogram) {
+    uint64_t lo = s, hi = s;
+    if (s >= 16) {
+      lo = uint64_t{1} << (63 - __builtin_clzll(s));
+      hi = 2 * lo - 1;
+    }
+    auto& b = buckets[lo];
+    b.first = lo == hi ? std::to_string(lo) : std::to_string(lo) + "-" + std::to_string(hi);
+    b.second += n;
+  }
+  nlohmann::json hist = nlohmann::json::array();
+  uint64_t staleness_sum = 0, count = 0;
+  for (const auto& [s, n] : staleness_histogram) staleness_sum += s * n, count += n;
+  for (const auto& [lo, b] : buckets) hist.push_back({{"staleness", b.first}, {"updates", b.second}});
   metrics << nlohmann::json{{"summary", true},
                             {"clock", "virtual"},
                             {"policy", c.policy.name},
@@ -166,6 +183,7 @@ VirtualSimResult run_virtual_sim(const VirtualSimConfig& c, std::ostream& metric
                             {"accepted", result.accepted},
                             {"rejected", rejected},
                             {"staleness_histogram", hist},
+                            {"mean_staleness", count ? double(staleness_sum) / double(count) : 0.0},
                             {"virtual_seconds", result.virtual_seconds},
                             {"wall_seconds", result.wall_seconds},
                             {"initial_loss", result.initial_loss},

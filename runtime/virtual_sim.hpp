@@ -35,6 +35,7 @@ struct VirtualSimConfig {
   double serve_ms = 1;
   double metrics_every_s = 10;  // virtual seconds between loss lines
   uint64_t seed = 1;
+  uint64_t history_versions = 8;  // versions an expert keeps for FedAsync's base weights (as a shard)
   model::PolicyConfig policy;
 };
 
