@@ -11,6 +11,8 @@
 #include <caf/event_based_actor.hpp>
 #include <spdlog/spdlog.h>
 
+#include "actors/membership.hpp"
+
 namespace fedmoe::actors {
 
 namespace {
@@ -65,6 +67,16 @@ void broadcast(Self* self) {
   for (const auto& [id, m] : self->state.registry->members())
     if (m.alive)
       if (auto h = self->state.handles.find(id); h != self->state.handles.end()) send_to(self, h->second, 0, map);
+  // Shards replicate to each other: every live shard learns every other live shard's handle.
+  for (const auto& [id, m] : self->state.registry->members()) {
+    if (!m.alive || m.role != net::Role::shard) continue;
+    auto to = self->state.handles.find(id);
+    if (to == self->state.handles.end()) continue;
+    for (const auto& [peer, pm] : self->state.registry->members())
+      if (peer != id && pm.alive && pm.role == net::Role::shard)
+        if (auto h = self->state.handles.find(peer); h != self->state.handles.end())
+          self->send(to->second, peer_atom::value, peer, h->second);
+  }
   spdlog::info("{}: placement epoch {} sent", self->state.options.node_id, map.epoch);
 }
 

@@ -17,6 +17,49 @@ namespace {
 using Self = caf::stateful_actor<ExpertShardState>;
 // (expert id, version the round started at): FedAvg's round deadline, sent by the shard to itself.
 using round_deadline_atom = caf::atom_constant<caf::atom("rdeadline")>;
+using replication_timeout_atom = caf::atom_constant<caf::atom("rtimeout")>;
+
+bool is_primary(Self* self, const std::string& expert) {
+  auto it = self->state.replicas.find(expert);
+  return it != self->state.replicas.end() && !it->second.empty() && it->second.front() == self->state.node_id;
+}
+
+void send_to(Self* self, const caf::actor& to, uint64_t correlation_id, net::Body body) {
+  net::Message m;
+  m.sender_id = self->state.node_id;
+  m.correlation_id = correlation_id;
+  m.sent_at_unix_ms = net::unix_ms_now();
+  m.body = std::move(body);
+  self->state.transport->send(self, to, m);
+}
+
+// As the primary: give replicas that are new to an expert our current version (before any forwarded
+// update, which then applies on top of it). Not while updates are pending in a FedAvg round or a
+// FedBuff buffer: the snapshot would not carry them.
+void seed_replicas(Self* self) {
+  auto& st = self->state;
+  for (const auto& [expert, shards] : st.replicas) {
+    if (!is_primary(self, expert)) continue;
+    const auto* e = st.store->find(expert);
+    if (!e || !e->policy->pending().empty()) continue;
+    for (const auto& shard : shards) {
+      if (shard == st.node_id || st.seeded[expert].count(shard)) continue;
+      auto peer = st.peers.find(shard);
+      if (peer == st.peers.end()) continue;
+      send_to(self, peer->second, 0, e->published);
+      st.seeded[expert].insert(shard);
+      spdlog::info("{}: seeded replica {} of '{}' with v{}", st.node_id, shard, expert, e->weights.version);
+    }
+  }
+}
+
+void finish_replication(Self* self, uint64_t id) {
+  auto it = self->state.replications.find(id);
+  if (it == self->state.replications.end()) return;
+  for (auto corr : it->second.waiting) self->state.replication_of.erase(corr);
+  send_to(self, it->second.worker, it->second.worker_correlation, it->second.ack);
+  self->state.replications.erase(it);
+}
 
 void reply(Self* self, uint64_t correlation_id, net::Body body) {
   auto to = caf::actor_cast<caf::actor>(self->current_sender());
@@ -46,6 +89,7 @@ void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& s
   spdlog::info("{}: expert '{}' v{} ({} tensors, {} bytes) from {}", self->state.node_id, snap.spec.expert_id,
                receipt.version, receipt.tensor_count, receipt.byte_count, m.sender_id);
   reply(self, m.correlation_id, receipt);
+  seed_replicas(self);  // a primary that just got the expert hands it on
 }
 
 void on_pull(Self* self, const net::Message& m, const net::SnapshotRequest& req) {
@@ -79,7 +123,41 @@ void on_update(Self* self, const net::Message& m, const net::UpdatePush& u) {
                  u.worker_id, net::to_string(r.reject.reason), r.reject.detail);
     return reply(self, m.correlation_id, r.reject);
   }
-  reply(self, m.correlation_id, r.ack);
+  auto& st = self->state;
+  if (!is_primary(self, u.expert_id)) return reply(self, m.correlation_id, r.ack);  // a replica: the primary waits
+  // The primary: forward to the other replicas, acknowledge when they have it.
+  const uint64_t id = st.next_correlation++;
+  ExpertShardState::Replication rep{caf::actor_cast<caf::actor>(self->current_sender()), m.correlation_id, r.ack, {}};
+  for (const auto& shard : st.replicas[u.expert_id]) {
+    if (shard == st.node_id) continue;
+    auto peer = st.peers.find(shard);
+    if (peer == st.peers.end()) continue;
+    const uint64_t corr = st.next_correlation++;
+    rep.waiting.insert(corr);
+    st.replication_of[corr] = id;
+    send_to(self, peer->second, corr, u);
+  }
+  if (rep.waiting.empty()) return reply(self, m.correlation_id, r.ack);
+  ++st.replicated;
+  st.replications[id] = std::move(rep);
+  self->delayed_send(self, std::chrono::milliseconds(st.replication_timeout_ms), replication_timeout_atom::value, id);
+}
+
+// A replica's answer to a forwarded update.
+void on_replica_answer(Self* self, const net::Message& m, bool accepted, const std::string& detail) {
+  auto& st = self->state;
+  auto it = st.replication_of.find(m.correlation_id);
+  if (it == st.replication_of.end()) return;  // late, after the timeout
+  const uint64_t id = it->second;
+  st.replication_of.erase(it);
+  if (!accepted) {
+    ++st.replica_rejects;
+    spdlog::warn("{}: replica {} refused a forwarded update: {}", st.node_id, m.sender_id, detail);
+  }
+  auto rep = st.replications.find(id);
+  if (rep == st.replications.end()) return;
+  rep->second.waiting.erase(m.correlation_id);
+  if (rep->second.waiting.empty()) finish_replication(self, id);
 }
 
 std::string status_json(Self* self) {
@@ -90,6 +168,9 @@ std::string status_json(Self* self) {
   j["policy"] = self->state.store->options().policy.name;
   j["placement_epoch"] = self->state.placement_epoch;
   j["placed_experts"] = self->state.placed_experts;
+  j["replication"] = {{"forwarded", self->state.replicated},
+                      {"timeouts", self->state.replication_timeouts},
+                      {"replica_rejects", self->state.replica_rejects}};
   j["snapshots_received"] = self->state.snapshots_received;
   j["pulls_served"] = self->state.pulls_served;
   j["updates_received"] = self->state.updates_received;
@@ -133,6 +214,17 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
         send_heartbeat(self, *self->state.transport, self->state.membership,
                        static_cast<float>(self->state.store->expert_ids().size()));
       },
+      [=](peer_atom, const std::string& shard, caf::actor handle) {
+        self->state.peers[shard] = std::move(handle);
+        seed_replicas(self);
+      },
+      [=](replication_timeout_atom, uint64_t id) {
+        if (!self->state.replications.count(id)) return;
+        ++self->state.replication_timeouts;
+        spdlog::warn("{}: replicas did not answer a forwarded update in time; acknowledging anyway",
+                     self->state.node_id);
+        finish_replication(self, id);
+      },
       [=](round_deadline_atom, const std::string& expert_id, uint64_t round_version) {
         const auto* e = self->state.store->find(expert_id);
         if (!e || e->weights.version != round_version || e->policy->pending().empty()) return;  // closed already
@@ -164,12 +256,21 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
           if (map->epoch < self->state.placement_epoch) return;  // an older map overtaken by a newer one
           self->state.placement_epoch = map->epoch;
           self->state.placed_experts.clear();
-          for (const auto& p : map->placements)
-            for (const auto& r : p.replicas)
+          self->state.replicas.clear();
+          for (const auto& p : map->placements) {
+            for (const auto& r : p.replicas) {
               if (r.shard_id == self->state.node_id) self->state.placed_experts.push_back(p.expert_id);
+              if (r.alive) self->state.replicas[p.expert_id].push_back(r.shard_id);
+            }
+          }
+          seed_replicas(self);
           return;
         }
         if (std::holds_alternative<net::HelloAck>(m.body)) return;
+        if (std::holds_alternative<net::UpdateAck>(m.body)) return on_replica_answer(self, m, true, "");
+        if (auto* rej = std::get_if<net::UpdateReject>(&m.body))
+          return on_replica_answer(self, m, rej->reason == net::RejectReason::duplicate_update, rej->detail);
+        if (std::holds_alternative<net::SnapshotReceipt>(m.body)) return;  // a seeded replica's receipt
         if (auto* err = std::get_if<net::ErrorReply>(&m.body)) {  // never answer an error with an error
           if (err->code == "not_a_member") join(self, *self->state.transport, self->state.membership);
           return;

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,25 @@ struct ExpertShardState {
   Membership membership;
   uint64_t placement_epoch = 0;
   std::vector<std::string> placed_experts;  // what the coordinator's latest map puts on this shard
+  // Replication: this shard is the primary of an expert when it is first among the expert's live
+  // replicas. The primary forwards every accepted update to the other replicas (in acceptance order:
+  // CAF keeps the order between two actors) and acknowledges the worker once they have answered, so
+  // losing one replica loses no acknowledged update. A replica new to an expert gets the primary's
+  // current snapshot first.
+  std::map<std::string, std::vector<std::string>> replicas;  // expert -> live shard ids, primary first
+  std::map<std::string, caf::actor> peers;                   // shard id -> handle (from the coordinator)
+  std::map<std::string, std::set<std::string>> seeded;      // expert -> replicas given our snapshot
+  struct Replication {  // one accepted update waiting for the replicas
+    caf::actor worker;
+    uint64_t worker_correlation = 0;
+    net::UpdateAck ack;
+    std::set<uint64_t> waiting;  // correlation ids of the forwarded copies
+  };
+  std::map<uint64_t, Replication> replications;  // by id
+  std::map<uint64_t, uint64_t> replication_of;   // forwarded copy's correlation id -> replication id
+  uint64_t next_correlation = 1;
+  uint64_t replicated = 0, replication_timeouts = 0, replica_rejects = 0;
+  uint64_t replication_timeout_ms = 5000;
   uint64_t snapshots_received = 0;
   uint64_t pulls_served = 0;
   uint64_t updates_received = 0;

@@ -18,6 +18,9 @@ namespace fedmoe::actors {
 using heartbeat_atom = caf::atom_constant<caf::atom("heartbeat")>;
 // (coordinator, endpoint): join a federation after the node knows where it is published.
 using join_atom = caf::atom_constant<caf::atom("join")>;
+// (shard id, actor): the coordinator tells shards how to reach their peers, in one process or across
+// hosts alike (CAF carries actor handles between nodes), after every placement change.
+using peer_atom = caf::atom_constant<caf::atom("peer")>;
 
 struct Membership {
   caf::actor coordinator;     // invalid: not in a federation (standalone node)

@@ -193,3 +193,83 @@ TEST_CASE("coordinator actor: shards join, get placed, die and are replaced; sta
   caf::anon_send_exit(coord2, caf::exit_reason::kill);
   fs::remove_all(dir);
 }
+
+TEST_CASE("replication: the primary forwards accepted updates; losing it loses no acknowledged update",
+          "[coordinator][replication]") {
+  const auto timeout = std::chrono::milliseconds(30'000);
+  runtime::NodeSystem node;
+  actors::CoordinatorOptions co;
+  co.registry = {2, 500};
+  auto coord = node.own(node.system().spawn(actors::coordinator, node.transport(), co));
+  std::map<std::string, caf::actor> shards;
+  for (int i = 0; i < 3; ++i) {
+    actors::ShardOptions so;
+    so.store.policy.name = "fedasync";
+    so.membership.coordinator = coord;
+    so.membership.heartbeat_ms = 100;
+    auto id = "shard-" + std::to_string(i);
+    shards[id] = node.own(node.system().spawn(actors::expert_shard_node, id, node.transport(), so));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // hellos
+  std::string error;
+  auto map = runtime::register_expert(node, coord, spec("sql"), timeout, &error);
+  INFO(error);
+  REQUIRE(map);
+  REQUIRE(map->placements.size() == 1);
+  REQUIRE(map->placements[0].replicas.size() == 2);
+  const std::string primary = map->placements[0].replicas[0].shard_id, backup = map->placements[0].replicas[1].shard_id;
+  std::string third;
+  for (const auto& [id, a] : shards)
+    if (id != primary && id != backup) third = id;
+
+  // Seed the primary only: it hands its snapshot to the backup itself.
+  net::ExpertSnapshot snap;
+  snap.spec = spec("sql");
+  std::vector<std::byte> zeros(4 * 8);
+  snap.tensors.push_back(net::Tensor::owning("w", net::DType::f32, {8}, zeros));
+  REQUIRE(runtime::push_snapshot(node, shards[primary], snap, timeout).ok);
+  auto status_of = [&](const caf::actor& a) {
+    auto s = runtime::node_status(node, a, timeout, &error);
+    INFO(error);
+    REQUIRE(s);
+    return nlohmann::json::parse(*s);
+  };
+  auto version_on = [&](const caf::actor& a) -> int64_t {
+    auto j = status_of(a);
+    return j["experts"].empty() ? -1 : j["experts"][0]["version"].get<int64_t>();
+  };
+  for (int i = 0; i < 50 && version_on(shards[backup]) != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  REQUIRE(version_on(shards[backup]) == 0);
+
+  // Acknowledged by the primary = applied on the backup too.
+  for (int i = 0; i < 3; ++i) {
+    net::UpdatePush u;
+    u.expert_id = "sql";
+    u.worker_id = "w";
+    u.update_id = "u" + std::to_string(i);
+    u.base_version = uint64_t(i);
+    u.sample_count = 1;
+    std::vector<float> d(8, 1.0f + float(i));
+    std::vector<std::byte> bytes(reinterpret_cast<std::byte*>(d.data()), reinterpret_cast<std::byte*>(d.data()) + 32);
+    u.deltas.push_back(net::Tensor::owning("w", net::DType::f32, {8}, bytes));
+    auto r = runtime::push_update(node, shards[primary], u, timeout);
+    REQUIRE(r.accepted);
+    CHECK(r.ack.new_version == uint64_t(i + 1));
+    CHECK(version_on(shards[backup]) == i + 1);  // already there when the worker hears back
+  }
+  auto p1 = runtime::pull_snapshot(node, shards[primary], "sql", 3, timeout);
+  auto b1 = runtime::pull_snapshot(node, shards[backup], "sql", 3, timeout);
+  REQUIRE(p1.ok);
+  REQUIRE(b1.ok);
+  CHECK(p1.checksum == b1.checksum);  // bit-identical weights
+  CHECK(status_of(shards[primary])["replication"]["forwarded"] == 3);
+
+  // The primary dies: the backup becomes primary, the third shard is placed and seeded with v3.
+  caf::anon_send_exit(shards[primary], caf::exit_reason::kill);
+  for (int i = 0; i < 100 && version_on(shards[third]) != 3; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK(version_on(shards[third]) == 3);
+  auto t1 = runtime::pull_snapshot(node, shards[third], "sql", 3, timeout);
+  REQUIRE(t1.ok);
+  CHECK(t1.checksum == b1.checksum);
+}

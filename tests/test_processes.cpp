@@ -232,6 +232,7 @@ TEST_CASE("a federation of processes: coordinator, 3 shards, a worker; versions 
   auto s = status();
   const std::string primary = added["replicas"][0];
   CHECK(s["expert_versions"]["sql"][primary] == 3);
+  CHECK(s["expert_versions"]["sql"][std::string(added["replicas"][1])] == 3);  // replicated before each ack
   CHECK(s["shards"][primary]["experts"][0]["workers"]["w1"]["accepted"] == 3);
 
   // SIGKILL the primary and restart it on the same port and directory: every acknowledged update is
