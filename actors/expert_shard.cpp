@@ -64,12 +64,7 @@ void finish_replication(Self* self, uint64_t id) {
 void reply(Self* self, uint64_t correlation_id, net::Body body) {
   auto to = caf::actor_cast<caf::actor>(self->current_sender());
   if (!to) return;  // an anonymous sender cannot be answered
-  net::Message m;
-  m.sender_id = self->state.node_id;
-  m.correlation_id = correlation_id;
-  m.sent_at_unix_ms = net::unix_ms_now();
-  m.body = std::move(body);
-  self->state.transport->send(self, to, m);
+  send_to(self, to, correlation_id, std::move(body));
 }
 
 void reply_error(Self* self, uint64_t correlation_id, const std::string& code, const std::string& detail) {
