@@ -117,7 +117,6 @@ void finish_gathering(Self* self, uint64_t gid) {
   }
   j["unanswered"] = unanswered;
   j["errors"] = self->state.errors;
-  net::Message m;
   send_to(self, g.client, g.correlation_id,
           net::StatusReply{g.request_id, self->state.options.node_id, net::Role::coordinator, j.dump()});
   self->state.gatherings.erase(it);

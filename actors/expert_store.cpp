@@ -60,11 +60,11 @@ void append_record(int fd, uint32_t kind, uint64_t pre_version, const std::vecto
   RecordHeader h{kLogMagic, kind, pre_version, payload.size()};
   uint64_t sum = net::checksum(&h, sizeof h);
   sum = net::checksum(payload.data(), payload.size(), sum);
-  std::vector<std::byte> record(sizeof h + payload.size() + sizeof sum);
-  std::memcpy(record.data(), &h, sizeof h);
-  if (!payload.empty()) std::memcpy(record.data() + sizeof h, payload.data(), payload.size());
-  std::memcpy(record.data() + sizeof h + payload.size(), &sum, sizeof sum);
-  write_all(fd, record.data(), record.size(), what);
+  // Three writes, no copy of the payload (megabytes for a large expert); a crash between them
+  // leaves a torn record, which read_log drops like any other.
+  write_all(fd, &h, sizeof h, what);
+  write_all(fd, payload.data(), payload.size(), what);
+  write_all(fd, &sum, sizeof sum, what);
   if (sync && ::fdatasync(fd) != 0) throw std::runtime_error("cannot flush " + what + ": " + errno_text());
 }
 
@@ -127,6 +127,19 @@ net::RejectReason wire_reason(model::UpdateRejection r) {
     case model::UpdateRejection::none: return net::RejectReason::malformed;
   }
   return net::RejectReason::unknown;
+}
+
+// A rejection of `u`, counted by reason for the expert and for its worker.
+PushResult refused(HostedExpert& e, const net::UpdatePush& u, net::RejectReason reason, std::string detail) {
+  PushResult r;
+  r.reject.expert_id = u.expert_id;
+  r.reject.update_id = u.update_id;
+  r.reject.reason = reason;
+  r.reject.detail = std::move(detail);
+  r.reject.current_version = e.weights.version;
+  ++e.rejected[net::to_string(reason)];
+  ++e.workers[u.worker_id].rejected[net::to_string(reason)];
+  return r;
 }
 
 std::string hex16(uint64_t v) {
@@ -194,15 +207,18 @@ uint64_t ExpertStore::checksum_of(const HostedExpert& e) const {
   return *e.published_checksum;
 }
 
+net::SnapshotReceipt ExpertStore::receipt_of(const HostedExpert& e) const {
+  return {e.spec.expert_id, e.weights.version, static_cast<uint32_t>(e.published.tensors.size()), e.published_bytes,
+          checksum_of(e)};
+}
+
 net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
   const auto& id = snap.spec.expert_id;
   if (!options_.state_dir.empty() && !safe_dir_name(id))
     throw std::invalid_argument("expert id '" + id + "' cannot name a directory (letters, digits, - _ . only)");
   auto it = experts_.find(id);
   if (it != experts_.end() && snap.version <= it->second.weights.version) {
-    const auto& e = it->second;
-    return {id, e.weights.version, static_cast<uint32_t>(e.published.tensors.size()), e.published_bytes,
-            checksum_of(e)};
+    return receipt_of(it->second);
   }
   // The received tensors are immutable views of the message buffer: they serve pulls as they are
   // (no copy). Policies never change tensors in place (each version gets new ones), so they are
@@ -235,8 +251,7 @@ net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
     write_snapshot(id, e);
     open_files(id, e, /*truncate_log=*/true);
   }
-  return {id, e.weights.version, static_cast<uint32_t>(e.published.tensors.size()), e.published_bytes,
-          checksum_of(e)};
+  return receipt_of(e);
 }
 
 PushResult ExpertStore::push(const net::UpdatePush& u) {
@@ -250,29 +265,13 @@ PushResult ExpertStore::push(const net::UpdatePush& u) {
     return r;
   }
   auto& e = it->second;
-  if (e.seen.count(u.update_id)) {
-    r.reject.reason = net::RejectReason::duplicate_update;
-    r.reject.detail = "update '" + u.update_id + "' was already accepted; it is not applied twice";
-    r.reject.current_version = e.weights.version;
-    ++e.rejected[net::to_string(r.reject.reason)];
-    ++e.workers[u.worker_id].rejected[net::to_string(r.reject.reason)];
-    return r;
-  }
+  if (e.seen.count(u.update_id))
+    return refused(e, u, net::RejectReason::duplicate_update,
+                   "update '" + u.update_id + "' was already accepted; it is not applied twice");
   return fold(e, u, /*replaying=*/false);
 }
 
 PushResult ExpertStore::fold(HostedExpert& e, const net::UpdatePush& u, bool replaying) {
-  PushResult r;
-  r.reject.expert_id = r.ack.expert_id = u.expert_id;
-  r.reject.update_id = r.ack.update_id = u.update_id;
-  auto refuse = [&](net::RejectReason reason, std::string detail) {
-    r.reject.reason = reason;
-    r.reject.detail = std::move(detail);
-    r.reject.current_version = e.weights.version;
-    ++e.rejected[net::to_string(reason)];
-    ++e.workers[u.worker_id].rejected[net::to_string(reason)];
-    return r;
-  };
   model::ClientUpdate cu;
   cu.update_id = u.update_id;
   cu.worker_id = u.worker_id;
@@ -280,7 +279,8 @@ PushResult ExpertStore::fold(HostedExpert& e, const net::UpdatePush& u, bool rep
   cu.sample_count = u.sample_count;
   cu.train_loss = u.train_loss;
   for (const auto& t : u.deltas) {
-    if (cu.delta.count(t.name)) return refuse(net::RejectReason::shape_mismatch, "tensor '" + t.name + "' appears twice");
+    if (cu.delta.count(t.name))
+      return refused(e, u, net::RejectReason::shape_mismatch, "tensor '" + t.name + "' appears twice");
     cu.delta.emplace(t.name, from_wire(t));
   }
   const model::TensorMap* base = nullptr;
@@ -288,8 +288,11 @@ PushResult ExpertStore::fold(HostedExpert& e, const net::UpdatePush& u, bool rep
     if (version == u.base_version) base = &weights;
   const uint64_t pre_version = e.weights.version;
   auto outcome = e.policy->submit(e.weights, cu, base);
-  if (!outcome.accepted()) return refuse(wire_reason(outcome.reason), outcome.detail);
+  if (!outcome.accepted()) return refused(e, u, wire_reason(outcome.reason), outcome.detail);
 
+  PushResult r;
+  r.ack.expert_id = u.expert_id;
+  r.ack.update_id = u.update_id;
   e.seen.insert(u.update_id);
   if (!replaying && e.log_fd >= 0) {
     net::Message m;

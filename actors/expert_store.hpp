@@ -104,6 +104,7 @@ class ExpertStore {
  private:
   void publish(HostedExpert& e);
   uint64_t checksum_of(const HostedExpert& e) const;
+  net::SnapshotReceipt receipt_of(const HostedExpert& e) const;  // what the current version is
   void after_apply(HostedExpert& e);
   void open_files(const std::string& expert_id, HostedExpert& e, bool truncate_log);
   void write_snapshot(const std::string& expert_id, HostedExpert& e);

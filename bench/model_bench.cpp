@@ -252,7 +252,7 @@ TrainFigures bench_train(fm::LoraExperts& experts, const std::string& adapter, c
   }
   fm::TrainTarget target;
   for (auto& [name, p] : experts.named_parameters(adapter)) target.params.emplace_back(name, p);
-  // The loss fedmoe trains with (model/lm_loss.hpp), as runtime/model_commands.cpp's lm_loss.
+  // The loss fedmoe trains with (model/lm_loss.hpp), as the fedmoe finetune command.
   target.loss = [model](const torch::Tensor& ids, const torch::Tensor& labels) mutable {
     return fm::causal_lm_loss(model, ids, labels);
   };

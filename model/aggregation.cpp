@@ -217,8 +217,8 @@ class FedAvg final : public AggregationPolicy {
     out.verdict = Outcome::Verdict::buffered;
     out.weight = n;
     if (ids_.size() >= config_.clients_per_round) {
+      out.weight = n / samples_;  // this update's share of the round it closes
       close_round(expert, out);
-      out.weight = n / last_total_;
     }
   }
 
@@ -229,14 +229,13 @@ class FedAvg final : public AggregationPolicy {
     out.verdict = Outcome::Verdict::applied;
     out.folded = std::move(ids_);
     out.version = expert.version;
-    last_total_ = samples_;
     sum_.clear();
     ids_.clear();
     samples_ = 0;
   }
 
   TensorMap sum_;  // sum of n_i * d_i over this round's updates
-  double samples_ = 0, last_total_ = 1;
+  double samples_ = 0;
   std::vector<std::string> ids_;
 };
 

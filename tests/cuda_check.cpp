@@ -18,8 +18,10 @@
 #include "model/generation.hpp"
 #include "model/lora.hpp"
 #include "model/qwen2.hpp"
+#include "next_token_loss.hpp"
 
 using namespace fedmoe::model;
+using fedmoe::test::next_token_loss;
 namespace fs = std::filesystem;
 
 namespace {
@@ -31,16 +33,6 @@ void expect_close(const std::string& what, const torch::Tensor& got, const torch
   bool ok = err < tol;
   failures += !ok;
   std::printf("  %-34s max |err| %.3g %s\n", what.c_str(), err, ok ? "ok" : "FAIL");
-}
-
-torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& ids, const torch::Tensor& mask) {
-  using namespace torch::indexing;
-  auto valid = mask.index({Slice(), Slice(None, -1)}).to(torch::kBool) &
-               mask.index({Slice(), Slice(1, None)}).to(torch::kBool);
-  auto labels = ids.index({Slice(), Slice(1, None)}).masked_fill(valid.logical_not(), -100);
-  auto l = logits.index({Slice(), Slice(None, -1)});
-  return torch::nn::functional::cross_entropy(l.reshape({-1, l.size(-1)}), labels.reshape({-1}),
-                                              torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
 }
 
 std::vector<int64_t> greedy(Qwen2ForCausalLM& model, const torch::Tensor& prompt_ids, torch::Device device) {

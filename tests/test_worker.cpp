@@ -26,6 +26,7 @@
 #include "model/qwen2_config.hpp"
 #include "runtime/node_system.hpp"
 #include "runtime/snapshot_client.hpp"
+#include "model_test_util.hpp"
 
 using namespace fedmoe;
 namespace fs = std::filesystem;
@@ -36,13 +37,11 @@ const std::string kTokenizer = FEDMOE_SOURCE_DIR "/scripts/npm/node_modules/@len
 const auto kTimeout = std::chrono::milliseconds(60'000);
 
 struct Fixture {
-  fs::path dir;
+  fedmoe::test::TempDir tmp;
+  const fs::path dir = tmp.path;
   model::Qwen2Config config;
   model::Tokenizer tok = model::Tokenizer::from_file(kTokenizer);
   Fixture() {
-    std::string tmpl = (fs::temp_directory_path() / "fedmoe_worker_XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    dir = tmpl;
     config = model::load_qwen2_config(FEDMOE_SOURCE_DIR "/examples/models/fedmoe-tiny.json");
     std::ofstream data(dir / "sql.jsonl");
     const char* tables[] = {"users", "orders", "items", "events"};
@@ -51,7 +50,6 @@ struct Fixture {
                                           std::to_string(i) + " ORDER BY name;"}}.dump()
            << "\n";
   }
-  ~Fixture() { fs::remove_all(dir); }
 
   // Each worker its own copy of the frozen base (in one process they could share one; separate
   // copies keep the workers' threads independent).
