@@ -218,7 +218,7 @@ TEST_CASE("data: packing shifts labels, shares one token between windows, ignore
   CHECK_THROWS_AS(pack({e1}, 0, 0), DataError);
 }
 
-TEST_CASE("data: plain text is split into documents at blank lines; PDFs page by page", "[data]") {
+TEST_CASE("data: plain text is split into documents at blank lines - PDFs page by page", "[data]") {
   auto txt = temp_path("doc.txt");
   write_file(txt, "first para\nline two\n\nsecond para\n\n\nthird para is here\n");
   auto docs = read_documents(txt, 40);  // first two paragraphs fit in 40 chars, the third does not

@@ -78,7 +78,7 @@ actors::ExpertStoreOptions options(const std::string& policy, const std::string&
 
 }  // namespace
 
-TEST_CASE("store: updates fold through the policy; pulled versions never change", "[store]") {
+TEST_CASE("store: updates fold through the policy - pulled versions never change", "[store]") {
   actors::ExpertStore store(options("fedasync"));
   auto receipt = store.install(initial());
   CHECK(receipt.version == 0);

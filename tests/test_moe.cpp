@@ -352,7 +352,7 @@ TEST_CASE("MoE routing and norm_topk_prob against a per-token hand computation",
   }
 }
 
-TEST_CASE("MoE load-balancing loss on a hand-computed example; utilization counts", "[moe]") {
+TEST_CASE("MoE load-balancing loss on a hand-computed example - utilization counts", "[moe]") {
   // H = E = 4, router = identity: the logits are the inputs.
   Qwen2Config cfg = qwen2_preset("tiny");
   cfg.hidden_size = 4;
