@@ -61,22 +61,29 @@ void persist(Self* self) {
   }
 }
 
+// Tells member `id` how to reach every other live shard: shards replicate to each other, routers
+// and workers pull experts from them.
+void send_peers(Self* self, const std::string& id) {
+  auto to = self->state.handles.find(id);
+  if (to == self->state.handles.end()) return;
+  for (const auto& [peer, pm] : self->state.registry->members())
+    if (peer != id && pm.alive && pm.role == net::Role::shard)
+      if (auto h = self->state.handles.find(peer); h != self->state.handles.end())
+        self->send(to->second, peer_atom::value, peer, h->second);
+}
+
+void share_peers(Self* self) {
+  for (const auto& [id, m] : self->state.registry->members())
+    if (m.alive && m.role != net::Role::coordinator) send_peers(self, id);
+}
+
 // Sends the placement map to every live member this coordinator can reach.
 void broadcast(Self* self) {
   auto map = self->state.registry->placement();
   for (const auto& [id, m] : self->state.registry->members())
     if (m.alive)
       if (auto h = self->state.handles.find(id); h != self->state.handles.end()) send_to(self, h->second, 0, map);
-  // Shards replicate to each other: every live shard learns every other live shard's handle.
-  for (const auto& [id, m] : self->state.registry->members()) {
-    if (!m.alive || m.role != net::Role::shard) continue;
-    auto to = self->state.handles.find(id);
-    if (to == self->state.handles.end()) continue;
-    for (const auto& [peer, pm] : self->state.registry->members())
-      if (peer != id && pm.alive && pm.role == net::Role::shard)
-        if (auto h = self->state.handles.find(peer); h != self->state.handles.end())
-          self->send(to->second, peer_atom::value, peer, h->second);
-  }
+  share_peers(self);
   spdlog::info("{}: placement epoch {} sent", self->state.options.node_id, map.epoch);
 }
 
@@ -110,6 +117,7 @@ void finish_gathering(Self* self, uint64_t gid) {
   j["expert_versions"] = versions;
   j["shards"] = g.shards;
   j["workers"] = g.workers;
+  j["routers"] = g.routers;
   nlohmann::json unanswered = nlohmann::json::array();
   for (const auto& [corr, member] : g.waiting) {
     unanswered.push_back(member);
@@ -130,7 +138,7 @@ void on_status(Self* self, const net::Message& m, const net::StatusRequest& req)
   g.correlation_id = m.correlation_id;
   g.request_id = req.request_id;
   for (const auto& [id, member] : st.registry->members()) {
-    if (!member.alive || (member.role != net::Role::shard && member.role != net::Role::worker)) continue;
+    if (!member.alive || member.role == net::Role::coordinator) continue;
     auto h = st.handles.find(id);
     if (h == st.handles.end()) continue;
     const uint64_t corr = st.next_correlation++;
@@ -155,7 +163,7 @@ void on_status_reply(Self* self, const net::Message& m, const net::StatusReply& 
   g.waiting.erase(m.correlation_id);
   nlohmann::json doc = nlohmann::json::parse(r.json, nullptr, /*allow_exceptions=*/false);
   if (doc.is_discarded()) doc = {{"error", "unparsable status"}};
-  (r.role == net::Role::shard ? g.shards : g.workers)[member] = doc;
+  (r.role == net::Role::shard ? g.shards : r.role == net::Role::router ? g.routers : g.workers)[member] = doc;
   if (g.waiting.empty()) finish_gathering(self, gid);
 }
 
@@ -208,7 +216,11 @@ caf::behavior coordinator(Self* self, std::shared_ptr<net::Transport> transport,
           spdlog::info("{}: '{}' joined as {}", st.options.node_id, h->node_id, net::to_string(h->role));
           reply(self, m.correlation_id, net::HelloAck{true, st.options.registry.lease_ms, "", st.options.node_id});
           changed(self, moved);
-          if (!moved) reply(self, 0, st.registry->placement());  // the newcomer needs the map anyway
+          if (!moved) {  // the newcomer needs the map (and a router the shards) anyway
+            if (h->role == net::Role::shard) share_peers(self);  // a restarted shard has a new handle
+            if (h->role == net::Role::router || h->role == net::Role::worker) send_peers(self, h->node_id);
+            reply(self, 0, st.registry->placement());
+          }
           return;
         }
         if (auto* hb = std::get_if<net::Heartbeat>(&m.body)) {

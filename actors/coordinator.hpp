@@ -36,7 +36,8 @@ struct StatusGathering {
   caf::actor client;
   uint64_t correlation_id = 0, request_id = 0;
   std::map<uint64_t, std::string> waiting;  // our correlation id -> member asked
-  nlohmann::json shards = nlohmann::json::object(), workers = nlohmann::json::object();
+  nlohmann::json shards = nlohmann::json::object(), workers = nlohmann::json::object(),
+                 routers = nlohmann::json::object();
 };
 
 struct CoordinatorState {

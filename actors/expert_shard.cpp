@@ -24,6 +24,12 @@ bool is_primary(Self* self, const std::string& expert) {
   return it != self->state.replicas.end() && !it->second.empty() && it->second.front() == self->state.node_id;
 }
 
+// Whether this shard decides for `expert`: its primary, or a shard outside any placement (standalone).
+bool leads(Self* self, const std::string& expert) {
+  auto it = self->state.replicas.find(expert);
+  return it == self->state.replicas.end() || it->second.empty() || it->second.front() == self->state.node_id;
+}
+
 void send_to(Self* self, const caf::actor& to, uint64_t correlation_id, net::Body body) {
   net::Message m;
   m.sender_id = self->state.node_id;
@@ -51,6 +57,31 @@ void seed_replicas(Self* self) {
       spdlog::info("{}: seeded replica {} of '{}' with v{}", st.node_id, shard, expert, e->weights.version);
     }
   }
+}
+
+// Tells subscribers of every expert whose version moved past the last announced one.
+void announce_versions(Self* self) {
+  auto& st = self->state;
+  for (auto& [expert, subs] : st.subscribers) {
+    const auto* e = st.store->find(expert);
+    if (!e || subs.empty()) continue;
+    auto& last = st.announced[expert];
+    if (e->weights.version <= last) continue;
+    last = e->weights.version;
+    for (const auto& s : subs) send_to(self, s, 0, net::VersionNotice{expert, last, st.node_id});
+    st.notices_sent += subs.size();
+  }
+}
+
+void subscribe(Self* self, const std::string& expert) {
+  auto who = caf::actor_cast<caf::actor>(self->current_sender());
+  if (!who) return;
+  auto& subs = self->state.subscribers[expert];
+  if (subs.size() >= 4096 || !subs.insert(who).second) return;  // bounded; already subscribed
+  self->monitor(who);
+  const auto* e = self->state.store->find(expert);
+  auto& last = self->state.announced[expert];
+  if (e) last = std::max(last, e->weights.version);  // the subscriber has this one: it just pulled it
 }
 
 void finish_replication(Self* self, uint64_t id) {
@@ -95,11 +126,26 @@ void on_pull(Self* self, const net::Message& m, const net::SnapshotRequest& req)
                        "expert '" + req.expert_id + "' is at v" + std::to_string(e->weights.version) + ", v" +
                            std::to_string(req.min_version) + " was asked for");
   ++self->state.pulls_served;
+  if (req.subscribe) subscribe(self, req.expert_id);
   reply(self, m.correlation_id, e->published);  // immutable per version: later updates never change these bytes
 }
 
 void on_update(Self* self, const net::Message& m, const net::UpdatePush& u) {
   ++self->state.updates_received;
+  // Only the primary takes updates from workers (a backup applying them too would diverge from it);
+  // a backup takes the primary's forwarded copies. Without a placement map (a standalone shard) every
+  // shard is its own primary.
+  if (auto it = self->state.replicas.find(u.expert_id); it != self->state.replicas.end() && !it->second.empty()) {
+    const auto& primary = it->second.front();
+    if (primary != self->state.node_id && m.sender_id != primary) {
+      ++self->state.redirected;
+      const auto* e = self->state.store->find(u.expert_id);
+      return reply(self, m.correlation_id,
+                   net::UpdateReject{u.expert_id, u.update_id, net::RejectReason::not_replica,
+                                     "the primary of '" + u.expert_id + "' is " + primary + ": push there",
+                                     e ? e->weights.version : 0});
+    }
+  }
   PushResult r;
   try {
     r = self->state.store->push(u);
@@ -107,7 +153,7 @@ void on_update(Self* self, const net::Message& m, const net::UpdatePush& u) {
     return reply_error(self, m.correlation_id, "storage_error", e.what());
   }
   const auto& policy = self->state.store->options().policy;
-  if (r.accepted && !r.applied && policy.name == "fedavg" && policy.round_deadline_ms > 0) {
+  if (r.accepted && !r.applied && policy.name == "fedavg" && policy.round_deadline_ms > 0 && leads(self, u.expert_id)) {
     const auto* e = self->state.store->find(u.expert_id);
     if (e && e->policy->pending().size() == 1)  // this update opened a round: its deadline starts now
       self->delayed_send(self, std::chrono::milliseconds(policy.round_deadline_ms), round_deadline_atom::value,
@@ -168,7 +214,12 @@ std::string status_json(Self* self) {
                       {"replica_rejects", self->state.replica_rejects}};
   j["snapshots_received"] = self->state.snapshots_received;
   j["pulls_served"] = self->state.pulls_served;
+  size_t subscribers = 0;
+  for (const auto& [expert, subs] : self->state.subscribers) subscribers += subs.size();
+  j["subscribers"] = subscribers;
+  j["version_notices_sent"] = self->state.notices_sent;
   j["updates_received"] = self->state.updates_received;
+  j["redirected_to_primary"] = self->state.redirected;
   j["errors"] = self->state.errors;
   auto s = self->state.transport->stats();
   j["transport"] = {{"sent_local", s.sent_local}, {"sent_inline", s.sent_inline}, {"sent_bulk", s.sent_bulk},
@@ -199,6 +250,10 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
   self->state.membership.hello.node_id = self->state.node_id;
   self->state.membership.hello.role = net::Role::shard;
   join(self, *self->state.transport, self->state.membership);
+  self->set_down_handler([=](const caf::down_msg& down) {
+    for (auto& [expert, subs] : self->state.subscribers)
+      for (auto it = subs.begin(); it != subs.end();) it = it->address() == down.source ? subs.erase(it) : std::next(it);
+  });
   return {
       [=](join_atom, caf::actor coordinator, std::string endpoint) {
         self->state.membership.coordinator = std::move(coordinator);
@@ -223,10 +278,17 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
       [=](round_deadline_atom, const std::string& expert_id, uint64_t round_version) {
         const auto* e = self->state.store->find(expert_id);
         if (!e || e->weights.version != round_version || e->policy->pending().empty()) return;  // closed already
+        if (!leads(self, expert_id)) return;  // a backup now: the primary's RoundClose decides
         try {
           if (self->state.store->close_round(expert_id)) {
             spdlog::info("{}: round of '{}' closed at its deadline: v{}", self->state.node_id, expert_id,
                          self->state.store->find(expert_id)->weights.version);
+            // The backups hold the same buffered updates (forwarded in order, before this): they close too.
+            for (const auto& shard : self->state.replicas[expert_id])
+              if (shard != self->state.node_id)
+                if (auto peer = self->state.peers.find(shard); peer != self->state.peers.end())
+                  send_to(self, peer->second, 0, net::RoundClose{expert_id, round_version});
+            announce_versions(self);
             return;
           }
         } catch (const std::exception& ex) {
@@ -244,9 +306,15 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
           return reply_error(self, 0, net::to_string(e.code), "rejected a message: " + e.detail);
         }
         const net::Message& m = received->value();
-        if (auto* snap = std::get_if<net::ExpertSnapshot>(&m.body)) return on_snapshot(self, m, *snap);
+        if (auto* snap = std::get_if<net::ExpertSnapshot>(&m.body)) {
+          on_snapshot(self, m, *snap);
+          return announce_versions(self);
+        }
         if (auto* pull = std::get_if<net::SnapshotRequest>(&m.body)) return on_pull(self, m, *pull);
-        if (auto* push = std::get_if<net::UpdatePush>(&m.body)) return on_update(self, m, *push);
+        if (auto* push = std::get_if<net::UpdatePush>(&m.body)) {
+          on_update(self, m, *push);
+          return announce_versions(self);
+        }
         if (auto* map = std::get_if<net::PlacementMap>(&m.body)) {
           if (map->epoch < self->state.placement_epoch) return;  // an older map overtaken by a newer one
           self->state.placement_epoch = map->epoch;
@@ -258,10 +326,33 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
               if (r.alive) self->state.replicas[p.expert_id].push_back(r.shard_id);
             }
           }
+          // A backup that became the primary owns the deadline of a round its old primary opened.
+          const auto& policy = self->state.store->options().policy;
+          if (policy.name == "fedavg" && policy.round_deadline_ms > 0)
+            for (const auto& id : self->state.store->expert_ids())
+              if (const auto* e = self->state.store->find(id); e && leads(self, id) && !e->policy->pending().empty())
+                self->delayed_send(self, std::chrono::milliseconds(policy.round_deadline_ms), round_deadline_atom::value,
+                                   id, e->weights.version);
           seed_replicas(self);
           return;
         }
         if (std::holds_alternative<net::HelloAck>(m.body)) return;
+        if (auto* rc = std::get_if<net::RoundClose>(&m.body)) {
+          auto it = self->state.replicas.find(rc->expert_id);
+          if (it == self->state.replicas.end() || it->second.empty() || it->second.front() != m.sender_id)
+            return reply_error(self, m.correlation_id, "not_primary",
+                               "only the primary of '" + rc->expert_id + "' closes its rounds");
+          const auto* e = self->state.store->find(rc->expert_id);
+          if (!e || e->weights.version != rc->round_version || e->policy->pending().empty()) return;
+          try {
+            if (self->state.store->close_round(rc->expert_id))
+              spdlog::info("{}: round of '{}' closed by its primary: v{}", self->state.node_id, rc->expert_id,
+                           self->state.store->find(rc->expert_id)->weights.version);
+          } catch (const std::exception& ex) {
+            spdlog::error("{}: closing the round of '{}' failed: {}", self->state.node_id, rc->expert_id, ex.what());
+          }
+          return announce_versions(self);
+        }
         if (std::holds_alternative<net::UpdateAck>(m.body)) return on_replica_answer(self, m, true, "");
         if (auto* rej = std::get_if<net::UpdateReject>(&m.body))
           return on_replica_answer(self, m, rej->reason == net::RejectReason::duplicate_update, rej->detail);

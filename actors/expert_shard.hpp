@@ -48,9 +48,16 @@ struct ExpertShardState {
   uint64_t next_correlation = 1;
   uint64_t replicated = 0, replication_timeouts = 0, replica_rejects = 0;
   uint64_t replication_timeout_ms = 5000;
+  // Pullers that asked to hear of new versions (SnapshotRequest.subscribe): routers, workers. Each
+  // gets a VersionNotice when the expert's version passes the one last announced; a subscriber that
+  // goes down is forgotten (monitored).
+  std::map<std::string, std::set<caf::actor>> subscribers;  // expert -> subscribers
+  std::map<std::string, uint64_t> announced;                // expert -> version last announced
+  uint64_t notices_sent = 0;
   uint64_t snapshots_received = 0;
   uint64_t pulls_served = 0;
   uint64_t updates_received = 0;
+  uint64_t redirected = 0;  // workers' pushes answered with not_replica (this shard is not the primary)
   std::map<std::string, uint64_t> errors;  // by error code: what peers sent that could not be handled
 
   static inline const char* name = "fedmoe.expert_shard";

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include <caf/actor.hpp>
@@ -34,5 +35,14 @@ void join(caf::event_based_actor* self, net::Transport& transport, Membership& m
 // Sends one Heartbeat (load, measured speed) and schedules the next.
 void send_heartbeat(caf::event_based_actor* self, net::Transport& transport, Membership& m, float load = 0,
                     double measured_speed = 0);
+
+// (load, measured speed): the member's latest figures, for its heartbeater.
+using load_atom = caf::atom_constant<caf::atom("load")>;
+
+// Heartbeats on behalf of a member whose own thread blocks for long stretches (a worker training):
+// a small scheduled actor, linked to `owner`, sends m's Heartbeat every heartbeat_ms as if `owner`
+// sent it (the coordinator's replies and its record of the member's handle go to `owner`). Send it
+// load_atom messages to update the figures. Returns an invalid handle without a coordinator.
+caf::actor spawn_heartbeater(caf::event_based_actor* owner, std::shared_ptr<net::Transport> transport, Membership m);
 
 }  // namespace fedmoe::actors

@@ -12,6 +12,7 @@
 #include <torch/torch.h>
 
 #include "actors/tensor_bridge.hpp"
+#include "model/errors.hpp"
 
 namespace fedmoe::actors {
 
@@ -33,7 +34,10 @@ void network_delay(Self* self) {
 // Sends `body` to the current replica and arms the reply timeout.
 void request(Self* self, net::Body body) {
   auto& st = self->state;
-  if (st.options.replicas.empty()) return;
+  if (st.options.replicas.empty()) {  // nowhere to go yet: the next placement map restarts the round
+    st.stalled = true;
+    return;
+  }
   network_delay(self);
   net::Message m;
   m.sender_id = st.options.worker_id;
@@ -41,6 +45,7 @@ void request(Self* self, net::Body body) {
   m.sent_at_unix_ms = net::unix_ms_now();
   m.body = std::move(body);
   st.awaiting = m.correlation_id;
+  st.awaiting_from = st.options.replicas[st.replica];
   st.transport->send(self, st.options.replicas[st.replica], m);
   self->delayed_send(self, std::chrono::milliseconds(st.options.reply_timeout_ms), reply_timeout_atom::value,
                      m.correlation_id);
@@ -63,6 +68,41 @@ void failover(Self* self, const std::string& why) {
   self->delayed_send(self, std::chrono::milliseconds(st.options.retry_ms), pull_atom::value);
 }
 
+// Adopts the latest map's replicas of our expert, as far as their handles are known.
+void follow_placement(Self* self) {
+  auto& st = self->state;
+  std::vector<std::string> ids;
+  std::vector<caf::actor> handles;
+  for (const auto& id : st.placed)
+    if (auto p = st.peers.find(id); p != st.peers.end()) {
+      ids.push_back(id);
+      handles.push_back(p->second);
+    }
+  if (handles.empty() || ids == st.replica_ids) return;
+  std::string list;
+  for (const auto& id : ids) list += (list.empty() ? "" : ", ") + id;
+  spdlog::info("{}: replicas of '{}' are now {}", st.options.worker_id, st.options.expert_id, list);
+  st.replica_ids = std::move(ids);
+  st.options.replicas = std::move(handles);
+  // The primary first: it replicates what it accepts. A request in flight to a replica still in the
+  // list goes on; one to a replica that left is given up (its round starts again from a pull).
+  auto in_flight = std::find(st.options.replicas.begin(), st.options.replicas.end(), st.awaiting_from);
+  if (st.awaiting != 0 && in_flight != st.options.replicas.end()) {
+    st.replica = static_cast<size_t>(in_flight - st.options.replicas.begin());
+    return;
+  }
+  st.replica = 0;
+  if (st.awaiting != 0 && !st.finished) {
+    st.awaiting = 0;
+    self->delayed_send(self, std::chrono::milliseconds(st.options.retry_ms), pull_atom::value);
+    return;
+  }
+  if (st.stalled && !st.finished) {
+    st.stalled = false;
+    pull(self);
+  }
+}
+
 void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& snap) {
   auto& st = self->state;
   st.awaiting = 0;
@@ -78,7 +118,7 @@ void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& s
   } catch (const std::exception& e) {
     // An expert this worker's base cannot train (shapes, targets): nothing to push; say so and stop.
     spdlog::error("{}: cannot train expert '{}' v{}: {}", st.options.worker_id, snap.spec.expert_id, snap.version,
-                  e.what());
+                  model::describe(e));
     st.finished = true;
     return;
   }
@@ -108,6 +148,11 @@ void finish_round(Self* self, WorkerRoundRecord rec) {
   auto& st = self->state;
   st.awaiting = 0;
   ++st.rounds_done;
+  rec.finished_unix_ms = net::unix_ms_now();
+  if (st.heartbeater) {  // samples per second of this round: the measured speed the coordinator sees
+    const double seconds = rec.compute_seconds + rec.delay_seconds;
+    self->send(st.heartbeater, load_atom::value, 0.0f, seconds > 0 ? 1.0 / seconds : 0.0);
+  }
   st.history.push_back(std::move(rec));
   if (st.history.size() > 1000) st.history.erase(st.history.begin());
   if (st.options.rounds > 0 && st.rounds_done >= st.options.rounds) {
@@ -132,7 +177,8 @@ std::string status_json(Self* self) {
                       {"new_version", r.new_version}, {"staleness", r.staleness},     {"weight", r.weight},
                       {"train_loss", r.train_loss},   {"val_loss_before", r.val_loss_before},
                       {"val_loss_after", r.val_loss_after}, {"compute_seconds", r.compute_seconds},
-                      {"delay_seconds", r.delay_seconds}, {"replica", r.replica}});
+                      {"delay_seconds", r.delay_seconds}, {"replica", r.replica},
+                      {"finished_unix_ms", r.finished_unix_ms}});
   }
   nlohmann::json j = {{"node_id", st.options.worker_id},
                       {"role", "worker"},
@@ -148,6 +194,7 @@ std::string status_json(Self* self) {
                       {"mean_staleness", st.history.empty() ? 0.0 : double(staleness_sum) / double(st.history.size())},
                       {"max_staleness", staleness_max},
                       {"placement_epoch", st.placement_epoch},
+                      {"replicas", st.replica_ids},
                       {"assigned_expert", st.assigned_expert},
                       {"rounds", rounds}};
   return j.dump();
@@ -186,15 +233,21 @@ caf::behavior worker(Self* self, std::shared_ptr<net::Transport> transport, Work
   mem.hello.expert = self->state.options.expert_id;
   mem.hello.declared_speed = 1.0 / std::max(self->state.options.speed_factor, 1e-9);
   join(self, *self->state.transport, mem);
+  self->state.heartbeater = spawn_heartbeater(self, self->state.transport, mem);
   self->send(self, pull_atom::value);
   return {
       [=](pull_atom) { pull(self); },
+      [=](peer_atom, const std::string& shard, caf::actor handle) {
+        self->state.peers[shard] = std::move(handle);
+        follow_placement(self);
+      },
       [=](heartbeat_atom) {
         auto& st = self->state;
         double speed = 0;  // samples per second of the last round, the measured speed
         if (!st.history.empty() && st.history.back().compute_seconds > 0)
           speed = 1.0 / (st.history.back().compute_seconds + st.history.back().delay_seconds);
-        send_heartbeat(self, *st.transport, st.options.membership, st.awaiting != 0 ? 1.0f : 0.0f, speed);
+        // The heartbeater sends them (this actor blocks while it trains): it gets the figures.
+        if (st.heartbeater) self->send(st.heartbeater, load_atom::value, st.awaiting != 0 ? 1.0f : 0.0f, speed);
       },
       [=](reply_timeout_atom, uint64_t correlation) {
         if (self->state.awaiting == correlation && !self->state.finished)
@@ -215,7 +268,12 @@ caf::behavior worker(Self* self, std::shared_ptr<net::Transport> transport, Work
           st.placement_epoch = map->epoch;
           for (const auto& a : map->assignments)
             if (a.worker_id == st.options.worker_id) st.assigned_expert = a.expert_id;
-          return;
+          st.placed.clear();
+          for (const auto& p : map->placements)
+            if (p.expert_id == st.options.expert_id)
+              for (const auto& r : p.replicas)
+                if (r.alive) st.placed.push_back(r.shard_id);
+          return follow_placement(self);
         }
         if (std::holds_alternative<net::HelloAck>(m.body)) return;
         if (auto* err = std::get_if<net::ErrorReply>(&m.body); err && err->code == "not_a_member")
@@ -232,6 +290,8 @@ caf::behavior worker(Self* self, std::shared_ptr<net::Transport> transport, Work
           return finish_round(self, rec);
         }
         if (auto* rej = std::get_if<net::UpdateReject>(&m.body)) {
+          // Not the primary (it says which): no verdict on the update, push it where it belongs.
+          if (rej->reason == net::RejectReason::not_replica) return failover(self, "is not the primary: " + rej->detail);
           auto rec = st.current;
           rec.verdict = net::to_string(rej->reason);
           rec.new_version = rej->current_version;

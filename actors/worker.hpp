@@ -9,6 +9,10 @@
 // makes the worker behave like a device F times slower (it waits (F - 1) x its compute time before
 // pushing), and `latency_ms` +- `jitter_ms` delays every message it sends. Spawn it detached: local
 // training blocks its thread.
+//
+// With a coordinator the worker follows the placement: each PlacementMap names its expert's live
+// replicas, and from then on it pulls from and pushes to those (the primary first), so a federation
+// whose shards come and go keeps its workers; `replicas` is only where it starts.
 #pragma once
 
 #include <cstdint>
@@ -52,6 +56,7 @@ struct WorkerRoundRecord {
   double train_loss = 0, val_loss_before = 0, val_loss_after = 0;
   double compute_seconds = 0, delay_seconds = 0;
   std::string replica;        // shard id that answered
+  int64_t finished_unix_ms = 0;  // when the verdict arrived
 };
 
 struct WorkerState {
@@ -70,6 +75,14 @@ struct WorkerState {
   bool finished = false;
   uint64_t placement_epoch = 0;
   std::string assigned_expert;     // what the coordinator's latest map assigns to this worker
+  // Following the placement: with a coordinator, the worker's replicas are the expert's live replicas
+  // in the latest map (primary first), reached through the shard handles the coordinator sends.
+  std::map<std::string, caf::actor> peers;  // shard id -> handle
+  std::vector<std::string> placed;          // our expert's live replicas in the latest map
+  std::vector<std::string> replica_ids;     // ids of options.replicas when they came from the map
+  bool stalled = false;                     // a pull found no replica: the next map restarts it
+  caf::actor awaiting_from;                 // the replica the request in flight went to
+  caf::actor heartbeater;                   // heartbeats while training blocks this actor
 
   static inline const char* name = "fedmoe.worker";
 };

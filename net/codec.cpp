@@ -23,7 +23,7 @@ static_assert(static_cast<uint16_t>(s::DType::BF16) == static_cast<uint16_t>(DTy
 static_assert(static_cast<uint16_t>(s::RejectReason::OVERLOADED) ==
               static_cast<uint16_t>(RejectReason::overloaded));
 // Body's alternatives follow the union's order, so alternative i is discriminant i.
-static_assert(std::variant_size_v<Body> == static_cast<size_t>(s::Envelope::Body::ERROR_REPLY) + 1);
+static_assert(std::variant_size_v<Body> == static_cast<size_t>(s::Envelope::Body::ROUND_CLOSE) + 1);
 
 const char* to_string(DecodeErrc e) {
   switch (e) {
@@ -177,6 +177,7 @@ void write(s::RouteChoice::Builder b, const RouteChoice& x) {
   b.setVersion(x.version);
   b.setScore(x.score);
   b.setShardId(text(x.shard_id));
+  b.setReason(text(x.reason));
 }
 
 template <class T, class ListBuilder>
@@ -225,6 +226,7 @@ class BodyWriter {
     auto b = body_.initSnapshotRequest();
     b.setExpertId(text(x.expert_id));
     b.setMinVersion(x.min_version);
+    b.setSubscribe(x.subscribe);
   }
   void operator()(const ExpertSnapshot& x) {
     auto b = body_.initExpertSnapshot();
@@ -296,6 +298,8 @@ class BodyWriter {
     b.setTopP(x.top_p);
     b.setSeed(x.seed);
     b.setStream(x.stream);
+    b.setMaxExperts(x.max_experts);
+    b.setCombine(text(x.combine));
   }
   void operator()(const GenerateReply& x) {
     auto b = body_.initGenerateReply();
@@ -304,6 +308,8 @@ class BodyWriter {
     write_list(b.initExperts(x.experts.size()), x.experts);
     b.setDone(x.done);
     b.setError(text(x.error));
+    write_list(b.initChoices(x.choices.size()), x.choices);
+    b.setCombine(text(x.combine));
   }
   void operator()(const StatusRequest& x) {
     auto b = body_.initStatusRequest();
@@ -321,6 +327,17 @@ class BodyWriter {
     auto b = body_.initErrorReply();
     b.setCode(text(x.code));
     b.setDetail(text(x.detail));
+  }
+  void operator()(const RoundClose& x) {
+    auto b = body_.initRoundClose();
+    b.setExpertId(text(x.expert_id));
+    b.setRoundVersion(x.round_version);
+  }
+  void operator()(const VersionNotice& x) {
+    auto b = body_.initVersionNotice();
+    b.setExpertId(text(x.expert_id));
+    b.setVersion(x.version);
+    b.setShardId(text(x.shard_id));
   }
 
  private:
@@ -471,6 +488,8 @@ class MessageReader {
       case W::STATUS_REQUEST: return read(b.getStatusRequest());
       case W::STATUS_REPLY: return read(b.getStatusReply());
       case W::ERROR_REPLY: return read(b.getErrorReply());
+      case W::VERSION_NOTICE: return read(b.getVersionNotice());
+      case W::ROUND_CLOSE: return read(b.getRoundClose());
     }
     fail(DecodeErrc::unknown_body, "body discriminant " + std::to_string(static_cast<uint16_t>(b.which())) +
                                        " (this build knows 0.." + std::to_string(std::variant_size_v<Body> - 1) +
@@ -652,6 +671,7 @@ class MessageReader {
     SnapshotRequest x;
     x.expert_id = id(r.getExpertId(), "snapshotRequest.expertId", Presence::required);
     x.min_version = r.getMinVersion();
+    x.subscribe = r.getSubscribe();
     return x;
   }
 
@@ -761,6 +781,7 @@ class MessageReader {
     x.score = r.getScore();
     // Empty when the router chose an expert that no live shard serves yet.
     x.shard_id = id(r.getShardId(), "routeChoice.shardId", Presence::optional);
+    x.reason = text(r.getReason(), "routeChoice.reason");
     return x;
   }
 
@@ -782,6 +803,8 @@ class MessageReader {
     x.top_p = r.getTopP();
     x.seed = r.getSeed();
     x.stream = r.getStream();
+    x.max_experts = r.getMaxExperts();
+    x.combine = text(r.getCombine(), "generateRequest.combine");
     return x;
   }
 
@@ -792,6 +815,8 @@ class MessageReader {
     x.experts = list<ExpertRef>(r.getExperts(), "generateReply.experts");
     x.done = r.getDone();
     x.error = text(r.getError(), "generateReply.error");
+    x.choices = list<RouteChoice>(r.getChoices(), "generateReply.choices");
+    x.combine = text(r.getCombine(), "generateReply.combine");
     return x;
   }
 
@@ -815,6 +840,21 @@ class MessageReader {
     ErrorReply x;
     x.code = text(r.getCode(), "errorReply.code");
     x.detail = text(r.getDetail(), "errorReply.detail");
+    return x;
+  }
+
+  RoundClose read(s::RoundClose::Reader r) {
+    RoundClose x;
+    x.expert_id = id(r.getExpertId(), "roundClose.expertId", Presence::required);
+    x.round_version = r.getRoundVersion();
+    return x;
+  }
+
+  VersionNotice read(s::VersionNotice::Reader r) {
+    VersionNotice x;
+    x.expert_id = id(r.getExpertId(), "versionNotice.expertId", Presence::required);
+    x.version = r.getVersion();
+    x.shard_id = id(r.getShardId(), "versionNotice.shardId", Presence::optional);
     return x;
   }
 

@@ -86,6 +86,14 @@ struct ExpertSpec {
 struct SnapshotRequest {
   expertId @0 :Text;
   minVersion @1 :UInt64;        # answer only with this version or newer
+  subscribe @2 :Bool;           # and send me a VersionNotice whenever this expert's version advances
+}
+
+# A shard tells its subscribers (routers, workers) that an expert has a new version.
+struct VersionNotice {
+  expertId @0 :Text;
+  version @1 :UInt64;
+  shardId @2 :Text;
 }
 
 struct ExpertSnapshot {
@@ -145,6 +153,13 @@ struct UpdateReject {
   currentVersion @4 :UInt64;
 }
 
+# A primary closed a FedAvg round at its deadline (with fewer than clientsPerRound updates): its
+# backups, holding the same buffered updates, close theirs too. Backups run no deadline of their own.
+struct RoundClose {
+  expertId @0 :Text;
+  roundVersion @1 :UInt64;      # the version the round started from
+}
+
 # --- placement -------------------------------------------------------------------------------------
 
 struct Replica {
@@ -189,6 +204,7 @@ struct RouteChoice {
   version @1 :UInt64;
   score @2 :Float32;
   shardId @3 :Text;
+  reason @4 :Text;              # why: "rule sql:\\bselect\\b", "learned p=0.93", "requested"
 }
 
 struct RouteReply {
@@ -206,6 +222,8 @@ struct GenerateRequest {
   topP @6 :Float32;
   seed @7 :UInt64;
   stream @8 :Bool;
+  maxExperts @9 :UInt32;        # experts to route to when `experts` is empty (0 = the router's default)
+  combine @10 :Text;            # stitch | consensus ("" = the router's default)
 }
 
 struct GenerateReply {
@@ -214,6 +232,8 @@ struct GenerateReply {
   experts @2 :List(ExpertRef);  # the exact versions that produced the text
   done @3 :Bool;                # false for a streamed partial reply
   error @4 :Text;
+  choices @5 :List(RouteChoice); # the routing decision: experts, versions, scores, replicas used
+  combine @6 :Text;             # how the experts' outputs were combined: single | stitch | consensus
 }
 
 # --- status ----------------------------------------------------------------------------------------
@@ -262,5 +282,7 @@ struct Envelope {
     statusRequest @19 :StatusRequest;
     statusReply @20 :StatusReply;
     errorReply @21 :ErrorReply;
+    versionNotice @22 :VersionNotice;
+    roundClose @23 :RoundClose;
   }
 }

@@ -112,6 +112,7 @@ const char* body_name(const Body& b) {
       "snapshotRequest", "expertSnapshot", "snapshotReceipt", "updatePush", "updateAck",
       "updateReject",    "placementMap",   "routeRequest", "routeReply",    "generateRequest",
       "generateReply",   "statusRequest",  "statusReply",  "errorReply",
+      "versionNotice",   "roundClose",
   };
   static_assert(std::size(kNames) == std::variant_size_v<Body>);
   if (b.valueless_by_exception()) return "valueless";

@@ -87,6 +87,16 @@ struct ExpertSpec {
 struct SnapshotRequest {
   std::string expert_id;
   uint64_t min_version = 0;
+  bool subscribe = false;
+};
+struct RoundClose {
+  std::string expert_id;
+  uint64_t round_version = 0;
+};
+struct VersionNotice {
+  std::string expert_id;
+  uint64_t version = 0;
+  std::string shard_id;
 };
 struct ExpertSnapshot {
   ExpertSpec spec;
@@ -164,6 +174,7 @@ struct RouteChoice {
   uint64_t version = 0;
   float score = 0;
   std::string shard_id;
+  std::string reason;
 };
 struct RouteReply {
   uint64_t request_id = 0;
@@ -179,6 +190,8 @@ struct GenerateRequest {
   float top_p = 1;
   uint64_t seed = 0;
   bool stream = false;
+  uint32_t max_experts = 0;
+  std::string combine;
 };
 struct GenerateReply {
   uint64_t request_id = 0;
@@ -186,6 +199,8 @@ struct GenerateReply {
   std::vector<ExpertRef> experts;
   bool done = true;
   std::string error;
+  std::vector<RouteChoice> choices;
+  std::string combine;
 };
 
 // --- status and errors
@@ -207,7 +222,8 @@ struct ErrorReply {
 // The order of alternatives is the order of the schema's `Envelope.body` union.
 using Body = std::variant<Hello, HelloAck, Heartbeat, Leave, ExpertSpec, SnapshotRequest, ExpertSnapshot,
                           SnapshotReceipt, UpdatePush, UpdateAck, UpdateReject, PlacementMap, RouteRequest,
-                          RouteReply, GenerateRequest, GenerateReply, StatusRequest, StatusReply, ErrorReply>;
+                          RouteReply, GenerateRequest, GenerateReply, StatusRequest, StatusReply, ErrorReply,
+                          VersionNotice, RoundClose>;
 
 struct Message {
   std::string sender_id;

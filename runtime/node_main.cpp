@@ -4,6 +4,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <iostream>
 #include <pthread.h>
 
@@ -15,14 +16,18 @@
 #include "actors/coordinator.hpp"
 #include "actors/expert_shard.hpp"
 #include "actors/membership.hpp"
+#include "actors/router.hpp"
 #include "actors/worker.hpp"
 #include "model/checkpoint.hpp"
 #include "model/dataset.hpp"
+#include "model/expert_server.hpp"
+#include "model/routing.hpp"
 #include "actors/tensor_bridge.hpp"
 #include "model/lora_expert.hpp"
 #include "net/endpoint.hpp"
 #include "runtime/node_system.hpp"
 #include "runtime/snapshot_client.hpp"
+#include "runtime/real_sim.hpp"
 #include "runtime/virtual_sim.hpp"
 
 namespace fedmoe::runtime {
@@ -74,9 +79,21 @@ struct NodeFlags {
   int64_t local_steps = 8, batch = 4, seq_len = 128;
   double lr = 1e-3, val_fraction = 0.1;
   uint64_t seed = 0;
+  // router
+  std::vector<std::string> rules, router_data;
+  std::string routing = "auto", combine = "stitch", router_model, default_expert;
+  uint32_t max_experts = 2, consensus_replicas = 3, max_new_tokens = 64;
+  uint64_t reply_timeout_ms = 10'000;
   // sim
   std::string clock = "virtual", metrics;
   VirtualSimConfig sim;
+  bool workers_given = false;
+  std::vector<std::string> expert_data;
+  uint64_t shards = 3;
+  std::string model_config = "examples/models/fedmoe-tiny.json";
+  int64_t rank = 8;
+  double alpha = 16;
+  std::vector<std::string> targets{"q_proj", "v_proj"};
 };
 
 // Connects to the coordinator of --coordinator (invalid handle when none is given).
@@ -110,23 +127,61 @@ int run_coordinator(const NodeFlags& f, const sigset_t& signals) {
   return 0;
 }
 
+std::ofstream open_metrics(const std::string& path) {
+  std::ofstream file;
+  if (path.empty()) return file;
+  if (auto parent = std::filesystem::path(path).parent_path(); !parent.empty()) std::filesystem::create_directories(parent);
+  file.open(path, std::ios::trunc);
+  if (!file) throw std::runtime_error("cannot write " + path);
+  return file;
+}
+
+int run_real_sim(const NodeFlags& f) {
+  RealSimConfig c;
+  c.expert_data = f.expert_data;
+  if (f.workers_given) c.workers = f.sim.workers;
+  c.shards = f.shards;
+  c.replication = f.replication;
+  if (f.rounds > 0) c.rounds = f.rounds;
+  c.base_model = f.base_model;
+  c.model_config = f.model_config;
+  c.tokenizer = f.tokenizer;
+  c.rank = f.rank;
+  c.alpha = f.alpha;
+  c.targets = f.targets;
+  c.local_steps = f.local_steps;
+  c.batch = f.batch;
+  c.seq_len = f.seq_len;
+  c.lr = f.lr;
+  c.speed_min = f.sim.speed_min;
+  c.speed_max = f.sim.speed_max;
+  if (c.speed_min <= 0 || c.speed_max < c.speed_min)
+    throw CLI::ValidationError("--speed-min/--speed-max", "need 0 < speed-min <= speed-max");
+  c.latency_ms = f.latency_ms;
+  c.jitter_ms = f.jitter_ms;
+  c.rules = f.rules;
+  c.max_new_tokens = f.max_new_tokens;
+  c.seed = f.seed ? f.seed : 1;
+  c.policy = f.store.policy;
+  c.policy.staleness_function = model::StalenessFunction::parse(f.staleness_function);
+  model::make_policy(c.policy);
+  auto file = open_metrics(f.metrics);
+  auto r = run_real_sim(c, f.metrics.empty() ? std::cout : file);
+  std::cerr << "fedmoe-node sim (real clock): " << c.workers << " workers, " << r.updates << " updates (" << r.accepted
+            << " accepted), router chose the right expert for " << r.routed_right << " of " << r.asked
+            << " held-out prompts, " << r.wall_seconds << " s" << std::endl;
+  return r.accepted > 0 ? 0 : 1;
+}
+
 int run_sim(const NodeFlags& f) {
-  if (f.clock != "virtual")
-    throw CLI::ValidationError("--clock", f.clock + ": only the virtual clock is available in this build (real-time "
-                                                    "federations run as separate coordinator/shard/worker nodes)");
+  if (f.clock == "real") return run_real_sim(f);
   auto c = f.sim;
   c.policy = f.store.policy;
   c.policy.staleness_function = model::StalenessFunction::parse(f.staleness_function);
   c.latency_ms = double(f.latency_ms);
   c.jitter_ms = double(f.jitter_ms);
   c.seed = f.seed ? f.seed : 1;
-  std::ofstream file;
-  if (!f.metrics.empty()) {
-    if (auto parent = std::filesystem::path(f.metrics).parent_path(); !parent.empty())
-      std::filesystem::create_directories(parent);
-    file.open(f.metrics, std::ios::trunc);
-    if (!file) throw std::runtime_error("cannot write " + f.metrics);
-  }
+  auto file = open_metrics(f.metrics);
   auto r = run_virtual_sim(c, f.metrics.empty() ? std::cout : file);
   std::cerr << "fedmoe-node sim: " << c.workers << " workers, " << r.updates << " updates (" << r.accepted
             << " accepted) in " << r.virtual_seconds << " virtual s, " << r.wall_seconds << " wall s" << std::endl;
@@ -230,6 +285,143 @@ int run_shard(const NodeFlags& f, const sigset_t& signals) {
   announce("shard", id, listen.host, port, node);
   int sig = wait_for_shutdown(signals);
   spdlog::info("{}: {} received, shutting down", id, sig == SIGINT ? "SIGINT" : "SIGTERM");
+  return 0;
+}
+
+// --router-data EXPERT=FILE[,FILE...] -> texts per expert (a prompt's part of each example).
+std::map<std::string, std::vector<std::string>> router_texts(const std::vector<std::string>& specs) {
+  std::map<std::string, std::vector<std::string>> texts;
+  for (const auto& spec : specs) {
+    const auto eq = spec.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == spec.size())
+      throw CLI::ValidationError("--router-data", "'" + spec + "': expected EXPERT=FILE[,FILE...]");
+    std::vector<std::string> files;
+    std::stringstream list(spec.substr(eq + 1));
+    for (std::string f; std::getline(list, f, ',');)
+      if (!f.empty()) files.push_back(f);
+    auto& out = texts[spec.substr(0, eq)];
+    for (const auto& ex : model::load_examples(files))
+      if (auto t = model::routing_text(ex); !t.empty()) out.push_back(std::move(t));
+  }
+  return texts;
+}
+
+int run_router(const NodeFlags& f, const sigset_t& signals) {
+  if (f.base_model.empty()) throw CLI::RequiredError("--base-model");
+  if (f.device != "cpu") throw CLI::ValidationError("--device", f.device + ": routers generate on the CPU in this build");
+  auto listen = must_parse(f.listen, "--listen");
+  actors::RouterOptions o;
+  o.node_id = f.node_id.empty() ? "router-" + std::to_string(::getpid()) : f.node_id;
+  try {
+    o.rules = std::make_shared<model::RuleRouter>(f.rules);
+  } catch (const std::invalid_argument& e) {
+    throw CLI::ValidationError("--rule", e.what());
+  }
+  auto base = model::load_pretrained(f.base_model);
+  base->eval();
+  auto tok = model::load_tokenizer(f.tokenizer, f.base_model);
+  o.server = std::make_shared<model::ExpertServer>(base, tok);
+  if (!f.router_data.empty()) {  // train the learned router now (and keep it when --router-model names a file)
+    model::RouterTrainingReport report;
+    auto learned = model::HiddenStateRouter::train(base, tok, router_texts(f.router_data), {}, &report);
+    std::cout << "fedmoe-node: router trained on " << report.train_examples << " texts of "
+              << learned.experts().size() << " experts: train accuracy " << report.train_accuracy
+              << ", validation accuracy " << report.validation_accuracy << " (" << report.validation_examples
+              << " held out), " << report.seconds << " s" << std::endl;
+    if (!f.router_model.empty()) learned.save(f.router_model);
+    o.learned = std::make_shared<model::HiddenStateRouter>(std::move(learned));
+  } else if (!f.router_model.empty()) {
+    o.learned = std::make_shared<model::HiddenStateRouter>(
+        model::HiddenStateRouter::load(f.router_model, base->config().hidden_size));
+  }
+  if (f.routing == "rules" && o.rules->empty()) throw CLI::ValidationError("--routing", "rules: no --rule given");
+  if (f.routing == "learned" && !o.learned)
+    throw CLI::ValidationError("--routing", "learned: give --router-data EXPERT=FILE (to train) or --router-model FILE");
+  o.routing = f.routing;
+  o.combine = f.combine;
+  o.max_experts = f.max_experts;
+  o.consensus_replicas = f.consensus_replicas;
+  o.default_expert = f.default_expert;
+  o.max_new_tokens = f.max_new_tokens;
+  o.reply_timeout_ms = f.reply_timeout_ms;
+  o.membership.heartbeat_ms = f.heartbeat_ms;
+  NodeSystemOptions opts;
+  opts.bulk_bind_host = listen.host;
+  opts.bulk_advertise_host = f.bulk_advertise;
+  NodeSystem node(opts);
+  auto r = node.own(node.system().spawn<caf::detached>(actors::router, node.transport(), o));
+  uint16_t port = node.publish(r, listen.host, listen.port);
+  if (auto coord = coordinator_of(node, f)) {
+    std::string advertised = (f.bulk_advertise.empty() ? listen.host : f.bulk_advertise) + ":" + std::to_string(port);
+    caf::anon_send(r, actors::join_atom::value, coord, advertised);
+  }
+  announce("router", o.node_id, listen.host, port, node);
+  int sig = wait_for_shutdown(signals);
+  spdlog::info("{}: {} received, shutting down", o.node_id, sig == SIGINT ? "SIGINT" : "SIGTERM");
+  return 0;
+}
+
+struct AskFlags {
+  std::string router, prompt, combine;
+  std::vector<std::string> experts;  // EXPERT or EXPERT@VERSION
+  uint32_t max_experts = 0, max_new_tokens = 0, top_k = 0;
+  float temperature = 0, top_p = 1;
+  uint64_t seed = 0, timeout_ms = 120'000;
+  bool json = false;
+};
+
+int run_ask(const AskFlags& f) {
+  auto ep = must_parse(f.router, "--router");
+  net::GenerateRequest req;
+  req.prompt = f.prompt;
+  req.max_experts = f.max_experts;
+  req.max_new_tokens = f.max_new_tokens;
+  req.temperature = f.temperature;
+  req.top_k = f.top_k;
+  req.top_p = f.top_p;
+  req.seed = f.seed;
+  req.combine = f.combine;
+  for (const auto& e : f.experts) {
+    const auto at = e.find('@');
+    net::ExpertRef ref{e.substr(0, at), 0};
+    if (at != std::string::npos) {
+      try {
+        ref.version = std::stoull(e.substr(at + 1));
+      } catch (const std::exception&) {
+        throw CLI::ValidationError("--expert", "'" + e + "': expected EXPERT or EXPERT@VERSION");
+      }
+    }
+    req.experts.push_back(ref);
+  }
+  NodeSystem node;
+  auto router = node.connect(ep.host, ep.port);
+  std::string error;
+  auto reply = ask_router(node, router, req, std::chrono::milliseconds(f.timeout_ms), &error);
+  if (!reply) {
+    std::cerr << "fedmoe-node ask: " << error << std::endl;
+    return 1;
+  }
+  if (f.json) {
+    nlohmann::json choices = nlohmann::json::array();
+    for (const auto& c : reply->choices)
+      choices.push_back({{"expert", c.expert_id}, {"version", c.version}, {"score", c.score}, {"shard", c.shard_id},
+                         {"reason", c.reason}});
+    nlohmann::json used = nlohmann::json::array();
+    for (const auto& e : reply->experts) used.push_back({{"expert", e.expert_id}, {"version", e.version}});
+    std::cout << nlohmann::json{{"choices", choices}, {"experts", used}, {"combine", reply->combine},
+                                {"text", reply->text}, {"error", reply->error}}
+                     .dump()
+              << std::endl;
+  } else {
+    for (const auto& c : reply->choices)
+      std::cout << "expert " << c.expert_id << " v" << c.version << " from " << (c.shard_id.empty() ? "-" : c.shard_id)
+                << " (score " << c.score << ", " << c.reason << ")" << std::endl;
+    if (reply->error.empty()) std::cout << "combine: " << reply->combine << "\n\n" << reply->text << std::endl;
+  }
+  if (!reply->error.empty()) {
+    std::cerr << "fedmoe-node ask: " << reply->error << std::endl;
+    return 1;
+  }
   return 0;
 }
 
@@ -399,9 +591,9 @@ int node_main(int argc, char** argv) {
   app.add_option("--expert", nf.expert, "worker: the expert to train (default: the coordinator's choice)")
       ->group(worker_group);
   app.add_option("--data", nf.data, "worker: private JSON lines / text files")->group(worker_group);
-  app.add_option("--base-model", nf.base_model, "worker: Hugging Face Qwen2 directory of the shared base")
+  app.add_option("--base-model", nf.base_model, "worker, router: Hugging Face Qwen2 directory of the shared base")
       ->group(worker_group);
-  app.add_option("--tokenizer", nf.tokenizer, "worker: tokenizer.json (default: the base model's)")->group(worker_group);
+  app.add_option("--tokenizer", nf.tokenizer, "worker, router: tokenizer.json (default: the base model's)")->group(worker_group);
   app.add_option("--device", nf.device, "worker: cpu")->group(worker_group);
   app.add_option("--speed-factor", nf.speed_factor, "worker: behave like a device this many times slower")
       ->group(worker_group);
@@ -414,10 +606,43 @@ int node_main(int argc, char** argv) {
   app.add_option("--lr", nf.lr, "worker: AdamW learning rate")->group(worker_group);
   app.add_option("--seed", nf.seed, "worker: data order and update ids")->group(worker_group);
 
+  const char* router_group = "Router";
+  app.add_option("--rule", nf.rules, "router: EXPERT:REGEX or EXPERT=WORD,WORD (case-insensitive; repeatable)")
+      ->group(router_group);
+  app.add_option("--routing", nf.routing, "router: rules | learned | auto (rules, then learned, then default)")
+      ->check(CLI::IsMember({"rules", "learned", "auto"}))->group(router_group);
+  app.add_option("--router-data", nf.router_data,
+                 "router: EXPERT=FILE[,FILE]: domain data to train the learned router on (repeatable)")
+      ->group(router_group);
+  app.add_option("--router-model", nf.router_model,
+                 "router: learned router file (written after training with --router-data, else read)")
+      ->group(router_group);
+  app.add_option("--combine", nf.combine, "router: stitch (experts answer in turn) | consensus (replicas averaged)")
+      ->check(CLI::IsMember({"stitch", "consensus"}))->group(router_group);
+  app.add_option("--max-experts", nf.max_experts, "router: experts per prompt")->group(router_group);
+  app.add_option("--consensus-replicas", nf.consensus_replicas, "router: replicas averaged per expert in consensus")
+      ->group(router_group);
+  app.add_option("--default-expert", nf.default_expert, "router: expert for prompts nothing matches")->group(router_group);
+  app.add_option("--max-new-tokens", nf.max_new_tokens, "router: tokens to generate when a request says 0")
+      ->group(router_group);
+  app.add_option("--reply-timeout-ms", nf.reply_timeout_ms, "router: a replica silent this long is failed over")
+      ->group(router_group);
+
   const char* sim_group = "Simulation (--role sim)";
   app.add_option("--clock", nf.clock, "sim: virtual (discrete events, a cost model) or real")
       ->check(CLI::IsMember({"virtual", "real"}))->group(sim_group);
-  app.add_option("--workers", nf.sim.workers, "sim: simulated workers")->group(sim_group);
+  auto* workers_opt = app.add_option("--workers", nf.sim.workers, "sim: simulated workers (real clock: default 4)")
+                          ->group(sim_group);
+  app.add_option("--expert-data", nf.expert_data,
+                 "sim, real clock: EXPERT=FILE[,FILE]: an expert and its domain data, split among its workers "
+                 "(repeatable)")
+      ->group(sim_group);
+  app.add_option("--shards", nf.shards, "sim, real clock: expert shards")->group(sim_group);
+  app.add_option("--model-config", nf.model_config, "sim, real clock: config.json of a fresh base (without --base-model)")
+      ->group(sim_group);
+  app.add_option("--rank", nf.rank, "sim, real clock: LoRA rank of the experts")->group(sim_group);
+  app.add_option("--alpha", nf.alpha, "sim, real clock: LoRA alpha")->group(sim_group);
+  app.add_option("--targets", nf.targets, "sim, real clock: LoRA target modules")->delimiter(',')->group(sim_group);
   app.add_option("--experts", nf.sim.experts, "sim: experts")->group(sim_group);
   app.add_option("--updates-per-worker", nf.sim.updates_per_worker, "sim: pushes each worker makes")->group(sim_group);
   app.add_option("--dim", nf.sim.dim, "sim: parameters per expert")->group(sim_group);
@@ -487,24 +712,40 @@ int node_main(int argc, char** argv) {
   expert->add_option("--targets", ef.targets, "LoRA target modules")->delimiter(',');
   expert->add_option("--init", ef.init, "peft (B = 0) or random")->check(CLI::IsMember({"peft", "random"}));
 
+  AskFlags af;
+  auto* ask = app.add_subcommand("ask", "ask a router: prints the chosen experts with their versions, then the generation");
+  ask->add_option("--router", af.router, "HOST:PORT of the router")->required();
+  ask->add_option("prompt", af.prompt, "the prompt")->required();
+  ask->add_option("--expert", af.experts, "skip routing: use this expert (EXPERT or EXPERT@VERSION; repeatable)");
+  ask->add_option("--max-experts", af.max_experts, "experts to route to (0: the router's default)");
+  ask->add_option("--combine", af.combine, "stitch | consensus (default: the router's)")
+      ->check(CLI::IsMember({"stitch", "consensus"}));
+  ask->add_option("--max-new-tokens", af.max_new_tokens, "tokens to generate (0: the router's default)");
+  ask->add_option("--temperature", af.temperature, "0: greedy");
+  ask->add_option("--top-k", af.top_k, "0: off");
+  ask->add_option("--top-p", af.top_p, "1: off");
+  ask->add_option("--seed", af.seed, "sampling seed");
+  ask->add_option("--timeout-ms", af.timeout_ms, "give up after this long");
+  ask->add_flag("--json", af.json, "print one JSON document");
+
   std::string status_target;
   auto* status = app.add_subcommand("status", "print a node's status as JSON");
   status->add_option("--coordinator", status_target, "HOST:PORT of the node to ask")->required();
 
   try {
     app.parse(argc, argv);
+    nf.workers_given = workers_opt->count() > 0;
     if (push->parsed()) return run_push(pf);
     if (status->parsed()) return run_status(status_target);
     if (expert->parsed()) return run_expert(ef);
+    if (ask->parsed()) return run_ask(af);
     if (nf.role.empty()) throw CLI::RequiredError("--role");
     if (nf.role == "shard") return run_shard(nf, signals);
     if (nf.role == "coordinator") return run_coordinator(nf, signals);
     if (nf.role == "worker") return run_worker(nf, signals);
     if (nf.role == "sim") return run_sim(nf);
-    std::cerr << "fedmoe-node: role '" << nf.role
-              << "' is not available in this build yet; available: coordinator, shard, worker, and the push, "
-                 "expert and status subcommands"
-              << std::endl;
+    if (nf.role == "router") return run_router(nf, signals);
+    std::cerr << "fedmoe-node: unknown role '" << nf.role << "'" << std::endl;
     return 2;
   } catch (const CLI::ParseError& e) {
     return app.exit(e);

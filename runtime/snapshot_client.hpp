@@ -55,6 +55,11 @@ std::optional<net::PlacementMap> register_expert(NodeSystem& node, const caf::ac
                                                  const net::ExpertSpec& spec, std::chrono::milliseconds timeout,
                                                  std::string* error);
 
+// Asks a router for a generation; returns its reply (whose `error` may be set), or nullopt with `error`
+// set when no reply came.
+std::optional<net::GenerateReply> ask_router(NodeSystem& node, const caf::actor& router, net::GenerateRequest request,
+                                             std::chrono::milliseconds timeout, std::string* error);
+
 // The shard's status document (JSON text), or nullopt with `error` set.
 std::optional<std::string> node_status(NodeSystem& node, const caf::actor& target, std::chrono::milliseconds timeout,
                                        std::string* error);

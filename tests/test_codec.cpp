@@ -116,7 +116,7 @@ std::vector<Body> sample_bodies() {
   bodies.push_back(Heartbeat{"worker-3", 99, 2.75f, 1.5});
   bodies.push_back(Leave{"worker-3", "shutdown requested"});
   bodies.push_back(sample_spec());
-  bodies.push_back(SnapshotRequest{"expert-sql", 41});
+  bodies.push_back(SnapshotRequest{"expert-sql", 41, true});
   bodies.push_back(ExpertSnapshot{sample_spec(), 42, sample_tensors(10)});
   bodies.push_back(SnapshotReceipt{"expert-sql", 42, 5, 123456, 0xDEADBEEFCAFEF00Dull});
   bodies.push_back(UpdatePush{"expert-python", "worker-3", "upd-0001", 40, 512, 0.875f, sample_tensors(20), 25, 12.5});
@@ -124,13 +124,16 @@ std::vector<Body> sample_bodies() {
   bodies.push_back(UpdateReject{"expert-python", "upd-0002", RejectReason::overloaded, "queue full", 43});
   bodies.push_back(sample_placement_map());
   bodies.push_back(RouteRequest{11, "write a SQL query \xE2\x9C\x93", 3});
-  bodies.push_back(RouteReply{11, {{"expert-sql", 3, 0.75f, "shard-a"}, {"expert-docs", 9, 0.25f, "shard-c"}}});
+  bodies.push_back(RouteReply{11, {{"expert-sql", 3, 0.75f, "shard-a", "rule sql:\\bselect\\b"}, {"expert-docs", 9, 0.25f, "shard-c", ""}}});
   bodies.push_back(GenerateRequest{12, "def f():\n\t", {{"expert-python", 42}, {"expert-docs", 0}}, 128, 0.7f, 40,
-                                   0.9f, 1234, true});
-  bodies.push_back(GenerateReply{12, "return 42 \xE2\x80\x94 ok", {{"expert-python", 42}}, false, "partial"});
+                                   0.9f, 1234, true, 2, "consensus"});
+  bodies.push_back(GenerateReply{12, "return 42 \xE2\x80\x94 ok", {{"expert-python", 42}}, false, "partial",
+                                 {{"expert-python", 42, 0.5f, "shard-b", "learned p=0.50"}}, "stitch"});
   bodies.push_back(StatusRequest{13, true});
   bodies.push_back(StatusReply{13, "coord-1", Role::coordinator, "{\"nodes\": 3}"});
   bodies.push_back(ErrorReply{"unknown_body", "discriminant 99"});
+  bodies.push_back(VersionNotice{"expert-sql", 44, "shard-b"});
+  bodies.push_back(RoundClose{"expert-docs", 17});
   return bodies;
 }
 
@@ -216,6 +219,16 @@ void check_equal(const ExpertSpec& a, const ExpertSpec& b) {
 void check_equal(const SnapshotRequest& a, const SnapshotRequest& b) {
   CHECK(a.expert_id == b.expert_id);
   CHECK(a.min_version == b.min_version);
+  CHECK(a.subscribe == b.subscribe);
+}
+void check_equal(const RoundClose& a, const RoundClose& b) {
+  CHECK(a.expert_id == b.expert_id);
+  CHECK(a.round_version == b.round_version);
+}
+void check_equal(const VersionNotice& a, const VersionNotice& b) {
+  CHECK(a.expert_id == b.expert_id);
+  CHECK(a.version == b.version);
+  CHECK(a.shard_id == b.shard_id);
 }
 void check_equal(const ExpertSnapshot& a, const ExpertSnapshot& b) {
   check_equal(a.spec, b.spec);
@@ -293,6 +306,7 @@ void check_equal(const RouteChoice& a, const RouteChoice& b) {
   CHECK(a.version == b.version);
   CHECK(a.score == b.score);
   CHECK(a.shard_id == b.shard_id);
+  CHECK(a.reason == b.reason);
 }
 void check_equal(const RouteReply& a, const RouteReply& b) {
   CHECK(a.request_id == b.request_id);
@@ -309,6 +323,8 @@ void check_equal(const GenerateRequest& a, const GenerateRequest& b) {
   CHECK(a.top_p == b.top_p);
   CHECK(a.seed == b.seed);
   CHECK(a.stream == b.stream);
+  CHECK(a.max_experts == b.max_experts);
+  CHECK(a.combine == b.combine);
 }
 void check_equal(const GenerateReply& a, const GenerateReply& b) {
   CHECK(a.request_id == b.request_id);
@@ -316,6 +332,9 @@ void check_equal(const GenerateReply& a, const GenerateReply& b) {
   check_equal(a.experts, b.experts);
   CHECK(a.done == b.done);
   CHECK(a.error == b.error);
+  REQUIRE(a.choices.size() == b.choices.size());
+  for (size_t i = 0; i < a.choices.size(); ++i) check_equal(a.choices[i], b.choices[i]);
+  CHECK(a.combine == b.combine);
 }
 void check_equal(const StatusRequest& a, const StatusRequest& b) {
   CHECK(a.request_id == b.request_id);
@@ -392,7 +411,8 @@ TEST_CASE("messages: enum names, dtype sizes, body names", "[messages]") {
                             "expertSpec",     "snapshotRequest", "expertSnapshot", "snapshotReceipt",
                             "updatePush",     "updateAck",       "updateReject",  "placementMap",
                             "routeRequest",   "routeReply",      "generateRequest", "generateReply",
-                            "statusRequest",  "statusReply",     "errorReply"};
+                            "statusRequest",  "statusReply",     "errorReply",    "versionNotice",
+                            "roundClose"};
   auto bodies = sample_bodies();
   REQUIRE(bodies.size() == std::size(expected));
   for (size_t i = 0; i < bodies.size(); ++i) CHECK(std::string(body_name(bodies[i])) == expected[i]);

@@ -116,7 +116,7 @@ TEST_CASE("registry: to_json -> from_json restores experts, placement, assignmen
                     Catch::Matchers::Contains("coordinator state"));
 }
 
-TEST_CASE("coordinator actor: shards join, get placed, die and are replaced; state survives a restart",
+TEST_CASE("coordinator actor: shards join, get placed, die and are replaced - state survives a restart",
           "[coordinator]") {
   std::string tmpl = (fs::temp_directory_path() / "fedmoe_coord_XXXXXX").string();
   REQUIRE(mkdtemp(tmpl.data()) != nullptr);
@@ -194,7 +194,7 @@ TEST_CASE("coordinator actor: shards join, get placed, die and are replaced; sta
   fs::remove_all(dir);
 }
 
-TEST_CASE("replication: the primary forwards accepted updates; losing it loses no acknowledged update",
+TEST_CASE("replication: the primary forwards accepted updates - losing it loses no acknowledged update",
           "[coordinator][replication]") {
   const auto timeout = std::chrono::milliseconds(30'000);
   runtime::NodeSystem node;
@@ -272,4 +272,78 @@ TEST_CASE("replication: the primary forwards accepted updates; losing it loses n
   auto t1 = runtime::pull_snapshot(node, shards[third], "sql", 3, timeout);
   REQUIRE(t1.ok);
   CHECK(t1.checksum == b1.checksum);
+}
+
+TEST_CASE("replication under FedAvg with a round deadline: backups close the round with their primary",
+          "[coordinator][replication]") {
+  const auto timeout = std::chrono::milliseconds(30'000);
+  runtime::NodeSystem node;
+  actors::CoordinatorOptions co;
+  co.registry = {2, 2000};
+  auto coord = node.own(node.system().spawn(actors::coordinator, node.transport(), co));
+  std::map<std::string, caf::actor> shards;
+  for (int i = 0; i < 2; ++i) {
+    actors::ShardOptions so;
+    so.store.policy.name = "fedavg";
+    so.store.policy.clients_per_round = 5;  // never reached: the deadline closes each round
+    so.store.policy.min_updates = 1;
+    so.store.policy.round_deadline_ms = 300;
+    so.membership.coordinator = coord;
+    so.membership.heartbeat_ms = 100;
+    auto id = "shard-" + std::to_string(i);
+    shards[id] = node.own(node.system().spawn(actors::expert_shard_node, id, node.transport(), so));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  std::string error;
+  auto map = runtime::register_expert(node, coord, spec("sql"), timeout, &error);
+  INFO(error);
+  REQUIRE(map);
+  const std::string primary = map->placements[0].replicas[0].shard_id, backup = map->placements[0].replicas[1].shard_id;
+  net::ExpertSnapshot snap;
+  snap.spec = spec("sql");
+  std::vector<std::byte> zeros(4 * 8);
+  snap.tensors.push_back(net::Tensor::owning("w", net::DType::f32, {8}, zeros));
+  REQUIRE(runtime::push_snapshot(node, shards[primary], snap, timeout).ok);
+  auto expert_status = [&](const std::string& id) {
+    auto s = runtime::node_status(node, shards[id], timeout, &error);
+    REQUIRE(s);
+    auto j = nlohmann::json::parse(*s);
+    return j["experts"].empty() ? nlohmann::json() : j["experts"][0];
+  };
+  for (int i = 0; i < 50 && expert_status(backup).is_null(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  REQUIRE_FALSE(expert_status(backup).is_null());
+
+  auto update = [&](int i, float value) {
+    net::UpdatePush u;
+    u.expert_id = "sql";
+    u.worker_id = "w" + std::to_string(i);
+    u.update_id = "u" + std::to_string(i);
+    u.base_version = 0;
+    u.sample_count = uint64_t(i + 1);
+    std::vector<float> d(8, value);
+    std::vector<std::byte> bytes(reinterpret_cast<std::byte*>(d.data()), reinterpret_cast<std::byte*>(d.data()) + 32);
+    u.deltas.push_back(net::Tensor::owning("w", net::DType::f32, {8}, bytes));
+    return u;
+  };
+  // A worker pushing to the backup is sent to the primary.
+  auto redirected = runtime::push_update(node, shards[backup], update(9, 1.0f), timeout);
+  REQUIRE(redirected.ok);
+  CHECK_FALSE(redirected.accepted);
+  CHECK(redirected.reject.reason == net::RejectReason::not_replica);
+  CHECK_THAT(redirected.reject.detail, Catch::Contains("the primary of 'sql' is " + primary));
+
+  REQUIRE(runtime::push_update(node, shards[primary], update(0, 1.0f), timeout).accepted);
+  REQUIRE(runtime::push_update(node, shards[primary], update(1, 4.0f), timeout).accepted);
+  CHECK(expert_status(backup)["pending"] == 2);  // buffered on both, no deadline of its own
+  nlohmann::json p, b;
+  for (int i = 0; i < 100; ++i) {
+    p = expert_status(primary);
+    b = expert_status(backup);
+    if (p["version"] == 1 && b["version"] == 1) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  CHECK(p["version"] == 1);
+  CHECK(b["version"] == 1);
+  CHECK(b["pending"] == 0);
+  CHECK(b["checksum"] == p["checksum"]);  // the same round, closed the same way: bit-identical
 }

