@@ -28,13 +28,7 @@ int64_t now_ms() {
 }
 
 void send_to(Self* self, const caf::actor& to, uint64_t correlation_id, net::Body body) {
-  if (!to) return;
-  net::Message m;
-  m.sender_id = self->state.options.node_id;
-  m.correlation_id = correlation_id;
-  m.sent_at_unix_ms = net::unix_ms_now();
-  m.body = std::move(body);
-  self->state.transport->send(self, to, m);
+  self->state.transport->send(self, to, self->state.options.node_id, correlation_id, std::move(body));
 }
 
 void reply(Self* self, uint64_t correlation_id, net::Body body) {

@@ -31,12 +31,7 @@ bool leads(Self* self, const std::string& expert) {
 }
 
 void send_to(Self* self, const caf::actor& to, uint64_t correlation_id, net::Body body) {
-  net::Message m;
-  m.sender_id = self->state.node_id;
-  m.correlation_id = correlation_id;
-  m.sent_at_unix_ms = net::unix_ms_now();
-  m.body = std::move(body);
-  self->state.transport->send(self, to, m);
+  self->state.transport->send(self, to, self->state.node_id, correlation_id, std::move(body));
 }
 
 // As the primary: give replicas that are new to an expert our current version (before any forwarded

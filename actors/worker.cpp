@@ -201,14 +201,9 @@ std::string status_json(Self* self) {
 }
 
 void reply_status(Self* self, const net::Message& m, const net::StatusRequest& req) {
-  auto to = caf::actor_cast<caf::actor>(self->current_sender());
-  if (!to) return;
-  net::Message out;
-  out.sender_id = self->state.options.worker_id;
-  out.correlation_id = m.correlation_id;
-  out.sent_at_unix_ms = net::unix_ms_now();
-  out.body = net::StatusReply{req.request_id, self->state.options.worker_id, net::Role::worker, status_json(self)};
-  self->state.transport->send(self, to, out);
+  self->state.transport->send(
+      self, caf::actor_cast<caf::actor>(self->current_sender()), self->state.options.worker_id, m.correlation_id,
+      net::StatusReply{req.request_id, self->state.options.worker_id, net::Role::worker, status_json(self)});
 }
 
 }  // namespace

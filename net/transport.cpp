@@ -45,6 +45,17 @@ void Transport::send(caf::local_actor* self, const caf::actor& dest, const Messa
   send(caf::actor_cast<caf::actor>(self), dest, m);
 }
 
+void Transport::send(caf::local_actor* self, const caf::actor& dest, const std::string& sender_id,
+                     uint64_t correlation_id, Body body) {
+  if (!dest) return;
+  Message m;
+  m.sender_id = sender_id;
+  m.correlation_id = correlation_id;
+  m.sent_at_unix_ms = unix_ms_now();
+  m.body = std::move(body);
+  send(self, dest, m);
+}
+
 void Transport::send(const caf::actor& from, const caf::actor& dest, const Message& m) {
   send_encoded(from, dest, std::make_shared<const Encoded>(encode(m)));
 }

@@ -61,6 +61,10 @@ class Transport {
   void send(const caf::actor& from, const caf::actor& dest, const Message& m);
   // Same, from inside an actor.
   void send(caf::local_actor* self, const caf::actor& dest, const Message& m);
+  // Same, for a body: from node `sender_id`, under `correlation_id` (a request's own, or the one a
+  // reply echoes), stamped with the current time. No-op for an invalid `dest`.
+  void send(caf::local_actor* self, const caf::actor& dest, const std::string& sender_id, uint64_t correlation_id,
+            Body body);
   // Same, for a message already encoded (for example one snapshot sent to several replicas).
   void send_encoded(const caf::actor& from, const caf::actor& dest, std::shared_ptr<const Encoded> encoded);
 

@@ -15,6 +15,7 @@
 #include "actors/registry.hpp"
 #include "runtime/node_system.hpp"
 #include "runtime/snapshot_client.hpp"
+#include "federation_test_util.hpp"
 
 using namespace fedmoe;
 namespace fs = std::filesystem;
@@ -198,19 +199,11 @@ TEST_CASE("replication: the primary forwards accepted updates - losing it loses 
           "[coordinator][replication]") {
   const auto timeout = std::chrono::milliseconds(30'000);
   runtime::NodeSystem node;
-  actors::CoordinatorOptions co;
-  co.registry = {2, 500};
-  auto coord = node.own(node.system().spawn(actors::coordinator, node.transport(), co));
-  std::map<std::string, caf::actor> shards;
-  for (int i = 0; i < 3; ++i) {
-    actors::ShardOptions so;
-    so.store.policy.name = "fedasync";
-    so.membership.coordinator = coord;
-    so.membership.heartbeat_ms = 100;
-    auto id = "shard-" + std::to_string(i);
-    shards[id] = node.own(node.system().spawn(actors::expert_shard_node, id, node.transport(), so));
-  }
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // hellos
+  model::PolicyConfig policy;
+  policy.name = "fedasync";
+  auto fed = fedmoe::test::start_federation(node, 3, 2, 500, policy);
+  auto& coord = fed.coordinator;
+  auto& shards = fed.shards;
   std::string error;
   auto map = runtime::register_expert(node, coord, spec("sql"), timeout, &error);
   INFO(error);
@@ -278,22 +271,14 @@ TEST_CASE("replication under FedAvg with a round deadline: backups close the rou
           "[coordinator][replication]") {
   const auto timeout = std::chrono::milliseconds(30'000);
   runtime::NodeSystem node;
-  actors::CoordinatorOptions co;
-  co.registry = {2, 2000};
-  auto coord = node.own(node.system().spawn(actors::coordinator, node.transport(), co));
-  std::map<std::string, caf::actor> shards;
-  for (int i = 0; i < 2; ++i) {
-    actors::ShardOptions so;
-    so.store.policy.name = "fedavg";
-    so.store.policy.clients_per_round = 5;  // never reached: the deadline closes each round
-    so.store.policy.min_updates = 1;
-    so.store.policy.round_deadline_ms = 300;
-    so.membership.coordinator = coord;
-    so.membership.heartbeat_ms = 100;
-    auto id = "shard-" + std::to_string(i);
-    shards[id] = node.own(node.system().spawn(actors::expert_shard_node, id, node.transport(), so));
-  }
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  model::PolicyConfig policy;
+  policy.name = "fedavg";
+  policy.clients_per_round = 5;  // never reached: the deadline closes each round
+  policy.min_updates = 1;
+  policy.round_deadline_ms = 300;
+  auto fed = fedmoe::test::start_federation(node, 2, 2, 2000, policy);
+  auto& coord = fed.coordinator;
+  auto& shards = fed.shards;
   std::string error;
   auto map = runtime::register_expert(node, coord, spec("sql"), timeout, &error);
   INFO(error);

