@@ -6,7 +6,8 @@
 //   fetched    the same when a new version was published before every request: the router pulls
 //              the snapshot from the shard and attaches it first
 //   consensus  two replicas' copies averaged token by token (two forward passes per token)
-// Ratios are requests/s over the direct generation's.
+// Ratios are requests/s over the direct generation's (the mean of a run first and one last). The
+// executable settles OMP_WAIT_POLICY=PASSIVE as fedmoe's own do.
 //
 //   router_bench [--seconds S]      (default 3 per measurement)
 // Last line: "router_bench held/direct: X".
@@ -76,7 +77,7 @@ int main(int argc, char** argv) {
   std::map<std::string, torch::Tensor> adapter;
   for (auto& nt : model::make_lora_tensors(cfg, spec, model::LoraInit::random, 3)) adapter.emplace(nt.name, nt.tensor);
   auto name = direct.attach("sql", 1, spec, adapter);
-  const double direct_rate = rate([&](uint64_t) { direct.generate({name}, prompt, g); });
+  double direct_rate = rate([&](uint64_t) { direct.generate({name}, prompt, g); });
 
   // The router actor with two shard replicas in this process.
   runtime::NodeSystem node;
@@ -135,11 +136,16 @@ int main(int argc, char** argv) {
   }
   const double fetched_rate = double(fetched) / asking;
   const double consensus_rate = rate([&](uint64_t) { ask("consensus"); });
+  // The baseline again, last: the machine's drift over the run shows as the difference of the two.
+  const double direct_rate_after = rate([&](uint64_t) { direct.generate({name}, prompt, g); });
+  const double direct_rate_first = direct_rate;
+  direct_rate = 0.5 * (direct_rate_first + direct_rate_after);
 
   nlohmann::json out = {{"base", "fedmoe-small (random weights)"},
                         {"expert", "LoRA r16 q,k,v,o"},
                         {"new_tokens", 16},
                         {"direct_per_s", direct_rate},
+                        {"direct_per_s_first_and_last", {direct_rate_first, direct_rate_after}},
                         {"held_per_s", held_rate},
                         {"fetched_per_s", fetched_rate},
                         {"fetched_requests", fetched},
