@@ -47,7 +47,11 @@ void seed_replicas(Self* self) {
       if (shard == st.node_id || st.seeded[expert].count(shard)) continue;
       auto peer = st.peers.find(shard);
       if (peer == st.peers.end()) continue;
-      send_to(self, peer->second, 0, e->published);
+      // With the update ids folded in so far: should the replica become primary, a repeated id is
+      // still recognised.
+      auto seed = e->published;
+      seed.seen_update_ids.assign(e->seen.begin(), e->seen.end());
+      send_to(self, peer->second, 0, std::move(seed));
       st.seeded[expert].insert(shard);
       spdlog::info("{}: seeded replica {} of '{}' with v{}", st.node_id, shard, expert, e->weights.version);
     }

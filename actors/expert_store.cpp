@@ -243,6 +243,10 @@ net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
   fresh.weights.weights = weights;
   fresh.policy = model::make_policy(options_.policy);
   fresh.published = snap;
+  fresh.published.seen_update_ids.clear();  // pulls carry weights only
+  std::vector<std::string> new_ids;
+  for (const auto& id_seen : snap.seen_update_ids)
+    if (fresh.seen.insert(id_seen).second) new_ids.push_back(id_seen);
   fresh.published_checksum = net::checksum(snap.tensors);
   for (const auto& t : snap.tensors) fresh.published_bytes += t.size_bytes;
   fresh.history.emplace_back(snap.version, std::move(weights));
@@ -250,6 +254,11 @@ net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
   if (!options_.state_dir.empty()) {
     write_snapshot(id, e);
     open_files(id, e, /*truncate_log=*/true);
+    std::string lines;
+    for (const auto& seen_id : new_ids) lines += seen_id + "\n";
+    write_all(e.ids_fd, lines.data(), lines.size(), "the update ids of " + id);
+    if (options_.fsync && !lines.empty() && ::fdatasync(e.ids_fd) != 0)
+      throw std::runtime_error("cannot flush the update ids of " + id + ": " + errno_text());
   }
   return receipt_of(e);
 }

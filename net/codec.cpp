@@ -233,6 +233,7 @@ class BodyWriter {
     write(b.initSpec(), x.spec);
     b.setVersion(x.version);
     tensors_.write(b.initTensors(x.tensors.size()), x.tensors);
+    write_texts(b.initSeenUpdateIds(x.seen_update_ids.size()), x.seen_update_ids);
   }
   void operator()(const SnapshotReceipt& x) {
     auto b = body_.initSnapshotReceipt();
@@ -680,6 +681,10 @@ class MessageReader {
     x.spec = read(r.getSpec());
     x.version = r.getVersion();
     x.tensors = tensors(r.getTensors(), "expertSnapshot.tensors");
+    const auto seen = r.getSeenUpdateIds();
+    check_count(seen.size(), limits_.max_list_elements, "expertSnapshot.seenUpdateIds", "max_list_elements");
+    x.seen_update_ids.reserve(seen.size());
+    for (auto s : seen) x.seen_update_ids.push_back(id(s, "expertSnapshot.seenUpdateIds[]", Presence::required));
     return x;
   }
 

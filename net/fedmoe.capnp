@@ -100,6 +100,8 @@ struct ExpertSnapshot {
   spec @0 :ExpertSpec;
   version @1 :UInt64;
   tensors @2 :List(Tensor);
+  seenUpdateIds @3 :List(Text); # only from a primary seeding a replica: update ids already folded in,
+                                # so that none is applied twice should the replica become primary
 }
 
 # Acknowledges a received snapshot with what the receiver verified.

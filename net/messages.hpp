@@ -102,6 +102,7 @@ struct ExpertSnapshot {
   ExpertSpec spec;
   uint64_t version = 0;
   std::vector<Tensor> tensors;
+  std::vector<std::string> seen_update_ids;  // only when a primary seeds a replica
 };
 struct SnapshotReceipt {
   std::string expert_id;

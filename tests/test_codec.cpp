@@ -117,7 +117,7 @@ std::vector<Body> sample_bodies() {
   bodies.push_back(Leave{"worker-3", "shutdown requested"});
   bodies.push_back(sample_spec());
   bodies.push_back(SnapshotRequest{"expert-sql", 41, true});
-  bodies.push_back(ExpertSnapshot{sample_spec(), 42, sample_tensors(10)});
+  bodies.push_back(ExpertSnapshot{sample_spec(), 42, sample_tensors(10), {"w1-r1-7", "w2-r4-9"}});
   bodies.push_back(SnapshotReceipt{"expert-sql", 42, 5, 123456, 0xDEADBEEFCAFEF00Dull});
   bodies.push_back(UpdatePush{"expert-python", "worker-3", "upd-0001", 40, 512, 0.875f, sample_tensors(20), 25, 12.5});
   bodies.push_back(UpdateAck{"expert-python", "upd-0001", 43, 3, 0.625});
@@ -234,6 +234,7 @@ void check_equal(const ExpertSnapshot& a, const ExpertSnapshot& b) {
   check_equal(a.spec, b.spec);
   CHECK(a.version == b.version);
   check_equal(a.tensors, b.tensors);
+  CHECK(a.seen_update_ids == b.seen_update_ids);
 }
 void check_equal(const SnapshotReceipt& a, const SnapshotReceipt& b) {
   CHECK(a.expert_id == b.expert_id);

@@ -265,3 +265,21 @@ TEST_CASE("shard actor: a FedAvg round closes at its deadline with the updates t
   REQUIRE(late.ok);
   CHECK(late.reject.reason == net::RejectReason::too_stale);
 }
+
+TEST_CASE("store: a seeding snapshot hands over the update ids already folded in, durably", "[store]") {
+  TempDir dir;
+  auto seed = initial("sql", 4);
+  seed.seen_update_ids = {"u0", "u1", "u2"};
+  {
+    actors::ExpertStore store(options("fedasync", dir.path.string()));
+    store.install(seed);
+    CHECK(store.find("sql")->seen.size() == 3);
+    CHECK(store.find("sql")->published.seen_update_ids.empty());  // pulls carry the weights only
+    CHECK(store.push(update("u1", 4, 1.0f)).reject.reason == net::RejectReason::duplicate_update);
+    CHECK(store.push(update("u3", 4, 1.0f)).accepted);
+  }
+  actors::ExpertStore again(options("fedasync", dir.path.string()));  // restarted from the directory
+  CHECK(again.find("sql")->seen.size() == 4);
+  CHECK(again.push(update("u0", 5, 1.0f)).reject.reason == net::RejectReason::duplicate_update);
+  CHECK(again.push(update("u3", 5, 1.0f)).reject.reason == net::RejectReason::duplicate_update);
+}
