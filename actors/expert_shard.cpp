@@ -19,15 +19,21 @@ using Self = caf::stateful_actor<ExpertShardState>;
 using round_deadline_atom = caf::atom_constant<caf::atom("rdeadline")>;
 using replication_timeout_atom = caf::atom_constant<caf::atom("rtimeout")>;
 
-bool is_primary(Self* self, const std::string& expert) {
+// The primary of `expert` in the latest map, or nullptr when no map places it (a standalone shard).
+const std::string* primary_of(Self* self, const std::string& expert) {
   auto it = self->state.replicas.find(expert);
-  return it != self->state.replicas.end() && !it->second.empty() && it->second.front() == self->state.node_id;
+  return it == self->state.replicas.end() || it->second.empty() ? nullptr : &it->second.front();
+}
+
+bool is_primary(Self* self, const std::string& expert) {
+  const auto* p = primary_of(self, expert);
+  return p && *p == self->state.node_id;
 }
 
 // Whether this shard decides for `expert`: its primary, or a shard outside any placement (standalone).
 bool leads(Self* self, const std::string& expert) {
-  auto it = self->state.replicas.find(expert);
-  return it == self->state.replicas.end() || it->second.empty() || it->second.front() == self->state.node_id;
+  const auto* p = primary_of(self, expert);
+  return !p || *p == self->state.node_id;
 }
 
 void send_to(Self* self, const caf::actor& to, uint64_t correlation_id, net::Body body) {
@@ -134,16 +140,14 @@ void on_update(Self* self, const net::Message& m, const net::UpdatePush& u) {
   // Only the primary takes updates from workers (a backup applying them too would diverge from it);
   // a backup takes the primary's forwarded copies. Without a placement map (a standalone shard) every
   // shard is its own primary.
-  if (auto it = self->state.replicas.find(u.expert_id); it != self->state.replicas.end() && !it->second.empty()) {
-    const auto& primary = it->second.front();
-    if (primary != self->state.node_id && m.sender_id != primary) {
-      ++self->state.redirected;
-      const auto* e = self->state.store->find(u.expert_id);
-      return reply(self, m.correlation_id,
-                   net::UpdateReject{u.expert_id, u.update_id, net::RejectReason::not_replica,
-                                     "the primary of '" + u.expert_id + "' is " + primary + ": push there",
-                                     e ? e->weights.version : 0});
-    }
+  if (const auto* primary = primary_of(self, u.expert_id); primary && *primary != self->state.node_id &&
+                                                              m.sender_id != *primary) {
+    ++self->state.redirected;
+    const auto* e = self->state.store->find(u.expert_id);
+    return reply(self, m.correlation_id,
+                 net::UpdateReject{u.expert_id, u.update_id, net::RejectReason::not_replica,
+                                   "the primary of '" + u.expert_id + "' is " + *primary + ": push there",
+                                   e ? e->weights.version : 0});
   }
   PushResult r;
   try {
@@ -337,8 +341,7 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
         }
         if (std::holds_alternative<net::HelloAck>(m.body)) return;
         if (auto* rc = std::get_if<net::RoundClose>(&m.body)) {
-          auto it = self->state.replicas.find(rc->expert_id);
-          if (it == self->state.replicas.end() || it->second.empty() || it->second.front() != m.sender_id)
+          if (const auto* primary = primary_of(self, rc->expert_id); !primary || *primary != m.sender_id)
             return reply_error(self, m.correlation_id, "not_primary",
                                "only the primary of '" + rc->expert_id + "' closes its rounds");
           const auto* e = self->state.store->find(rc->expert_id);

@@ -10,12 +10,17 @@ namespace fedmoe::actors {
 
 namespace {
 
-void send(caf::event_based_actor* self, net::Transport& transport, const Membership& m, net::Body body) {
+// Sends `body` to m's coordinator as member m, from actor `from` (replies go there).
+void send_to_coordinator(const caf::actor& from, net::Transport& transport, const Membership& m, net::Body body) {
   net::Message msg;
   msg.sender_id = m.hello.node_id;
   msg.sent_at_unix_ms = net::unix_ms_now();
   msg.body = std::move(body);
-  transport.send(self, m.coordinator, msg);
+  transport.send(from, m.coordinator, msg);
+}
+
+void send(caf::event_based_actor* self, net::Transport& transport, const Membership& m, net::Body body) {
+  send_to_coordinator(caf::actor_cast<caf::actor>(self), transport, m, std::move(body));
 }
 
 }  // namespace
@@ -55,11 +60,7 @@ caf::behavior heartbeater(caf::stateful_actor<HeartbeaterState>* self, caf::acto
   return {
       [=](heartbeat_atom) {
         auto& st = self->state;
-        net::Message msg;
-        msg.sender_id = st.m.hello.node_id;
-        msg.sent_at_unix_ms = net::unix_ms_now();
-        msg.body = net::Heartbeat{st.m.hello.node_id, ++st.m.seq, st.load, st.speed};
-        st.transport->send(st.owner, st.m.coordinator, msg);
+        send_to_coordinator(st.owner, *st.transport, st.m, net::Heartbeat{st.m.hello.node_id, ++st.m.seq, st.load, st.speed});
         self->delayed_send(self, std::chrono::milliseconds(st.m.heartbeat_ms), heartbeat_atom::value);
       },
       [=](load_atom, float load, double speed) {

@@ -298,20 +298,20 @@ void on_generate(Self* self, const net::Message& m, const net::GenerateRequest& 
     const size_t copies = pending.combine == "consensus"
                               ? std::min<size_t>(std::max<uint32_t>(st.options.consensus_replicas, 1), replicas.size())
                               : 1;
+    const uint64_t newest = newest_known(self, c.expert_id);
     for (size_t i = 0; i < copies; ++i) {
       RouterState::Fetch f;
       f.expert = c.expert_id;
       f.shard = replicas[i];
       f.min_version = c.version;
       // The newest version this router knows of is attached already: no pull (versions never change).
-      const uint64_t newest = newest_known(self, c.expert_id);
-      if (copies == 1 && newest >= c.version && (c.version == 0 || c.version == newest) &&
-          st.options.server->attached(c.expert_id, newest)) {
-        f.version = newest;
-        f.adapter = st.options.server->attach(c.expert_id, newest, {}, {}, "");
-        f.done = true;
-        ++st.cache_hits;
-      }
+      if (copies == 1 && (c.version == 0 || c.version == newest))
+        if (auto held = st.options.server->reuse(c.expert_id, newest)) {
+          f.version = newest;
+          f.adapter = *held;
+          f.done = true;
+          ++st.cache_hits;
+        }
       pending.fetches.push_back(std::move(f));
     }
   }
@@ -331,14 +331,6 @@ void on_route(Self* self, const net::Message& m, const net::RouteRequest& req) {
   auto to = caf::actor_cast<caf::actor>(self->current_sender());
   if (choices.empty()) return send_to(self, to, m.correlation_id, net::ErrorReply{"no_route", error});
   send_to(self, to, m.correlation_id, net::RouteReply{req.request_id, choices});
-}
-
-nlohmann::json choices_json(const std::vector<net::RouteChoice>& choices) {
-  nlohmann::json out = nlohmann::json::array();
-  for (const auto& c : choices)
-    out.push_back({{"expert", c.expert_id}, {"version", c.version}, {"score", c.score}, {"shard", c.shard_id},
-                   {"reason", c.reason}});
-  return out;
 }
 
 std::string status_json(Self* self) {
@@ -381,6 +373,14 @@ std::string status_json(Self* self) {
 }
 
 }  // namespace
+
+nlohmann::json choices_json(const std::vector<net::RouteChoice>& choices) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const auto& c : choices)
+    out.push_back({{"expert", c.expert_id}, {"version", c.version}, {"score", c.score}, {"shard", c.shard_id},
+                   {"reason", c.reason}});
+  return out;
+}
 
 caf::behavior router(Self* self, std::shared_ptr<net::Transport> transport, RouterOptions options) {
   auto& st = self->state;

@@ -33,6 +33,7 @@
 
 #include <caf/actor.hpp>
 #include <caf/stateful_actor.hpp>
+#include <nlohmann/json.hpp>
 
 #include "actors/membership.hpp"
 #include "model/expert_server.hpp"
@@ -112,6 +113,9 @@ struct RouterState {
 
   static inline const char* name = "fedmoe.router";
 };
+
+// The routing decision as a JSON list (expert, version, score, shard, reason): status and `ask --json`.
+nlohmann::json choices_json(const std::vector<net::RouteChoice>& choices);
 
 caf::behavior router(caf::stateful_actor<RouterState>* self, std::shared_ptr<net::Transport> transport,
                      RouterOptions options);

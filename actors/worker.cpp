@@ -39,16 +39,11 @@ void request(Self* self, net::Body body) {
     return;
   }
   network_delay(self);
-  net::Message m;
-  m.sender_id = st.options.worker_id;
-  m.correlation_id = st.next_correlation++;
-  m.sent_at_unix_ms = net::unix_ms_now();
-  m.body = std::move(body);
-  st.awaiting = m.correlation_id;
+  st.awaiting = st.next_correlation++;
   st.awaiting_from = st.options.replicas[st.replica];
-  st.transport->send(self, st.options.replicas[st.replica], m);
+  st.transport->send(self, st.awaiting_from, st.options.worker_id, st.awaiting, std::move(body));
   self->delayed_send(self, std::chrono::milliseconds(st.options.reply_timeout_ms), reply_timeout_atom::value,
-                     m.correlation_id);
+                     st.awaiting);
 }
 
 void pull(Self* self) {
@@ -144,17 +139,27 @@ void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& s
   request(self, std::move(u));
 }
 
+// The heartbeater's figures: requests in flight, and samples per second of the last round (the
+// measured speed the coordinator sees).
+void report_figures(Self* self) {
+  auto& st = self->state;
+  if (!st.heartbeater) return;
+  double speed = 0;
+  if (!st.history.empty()) {
+    const double seconds = st.history.back().compute_seconds + st.history.back().delay_seconds;
+    if (st.history.back().compute_seconds > 0) speed = 1.0 / seconds;
+  }
+  self->send(st.heartbeater, load_atom::value, st.awaiting != 0 ? 1.0f : 0.0f, speed);
+}
+
 void finish_round(Self* self, WorkerRoundRecord rec) {
   auto& st = self->state;
   st.awaiting = 0;
   ++st.rounds_done;
   rec.finished_unix_ms = net::unix_ms_now();
-  if (st.heartbeater) {  // samples per second of this round: the measured speed the coordinator sees
-    const double seconds = rec.compute_seconds + rec.delay_seconds;
-    self->send(st.heartbeater, load_atom::value, 0.0f, seconds > 0 ? 1.0 / seconds : 0.0);
-  }
   st.history.push_back(std::move(rec));
   if (st.history.size() > 1000) st.history.erase(st.history.begin());
+  report_figures(self);
   if (st.options.rounds > 0 && st.rounds_done >= st.options.rounds) {
     st.finished = true;
     spdlog::info("{}: done after {} rounds ({} accepted)", st.options.worker_id, st.rounds_done, st.accepted);
@@ -236,14 +241,9 @@ caf::behavior worker(Self* self, std::shared_ptr<net::Transport> transport, Work
         self->state.peers[shard] = std::move(handle);
         follow_placement(self);
       },
-      [=](heartbeat_atom) {
-        auto& st = self->state;
-        double speed = 0;  // samples per second of the last round, the measured speed
-        if (!st.history.empty() && st.history.back().compute_seconds > 0)
-          speed = 1.0 / (st.history.back().compute_seconds + st.history.back().delay_seconds);
-        // The heartbeater sends them (this actor blocks while it trains): it gets the figures.
-        if (st.heartbeater) self->send(st.heartbeater, load_atom::value, st.awaiting != 0 ? 1.0f : 0.0f, speed);
-      },
+      // join() schedules heartbeats here; the heartbeater sends them (this actor blocks while it
+      // trains), so they only refresh its figures.
+      [=](heartbeat_atom) { report_figures(self); },
       [=](reply_timeout_atom, uint64_t correlation) {
         if (self->state.awaiting == correlation && !self->state.finished)
           failover(self, "did not answer within " + std::to_string(self->state.options.reply_timeout_ms) + " ms");

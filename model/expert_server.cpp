@@ -27,6 +27,13 @@ bool ExpertServer::attached(const std::string& id, uint64_t version, const std::
   return experts_.contains(key(id, version, source));
 }
 
+std::optional<std::string> ExpertServer::reuse(const std::string& id, uint64_t version, const std::string& source) {
+  const auto name = key(id, version, source);
+  if (!experts_.contains(name)) return std::nullopt;
+  touch(name);
+  return name;
+}
+
 std::string ExpertServer::attach(const std::string& id, uint64_t version, const LoraSpec& spec,
                                  const std::map<std::string, torch::Tensor>& tensors, const std::string& source) {
   const auto name = key(id, version, source);

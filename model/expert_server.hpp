@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <list>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,8 @@ class ExpertServer {
   std::string attach(const std::string& id, uint64_t version, const LoraSpec& spec,
                      const std::map<std::string, torch::Tensor>& tensors, const std::string& source = "");
   bool attached(const std::string& id, uint64_t version, const std::string& source = "") const;
+  // The adapter name of an attached version, marked as just used; nullopt when it is not attached.
+  std::optional<std::string> reuse(const std::string& id, uint64_t version, const std::string& source = "");
 
   // Generates an answer to `prompt` (Qwen chat template when `chat`) with the named adapters' outputs
   // averaged (one adapter: plain generation). Returns the decoded new text without stop tokens.

@@ -402,10 +402,7 @@ int run_ask(const AskFlags& f) {
     return 1;
   }
   if (f.json) {
-    nlohmann::json choices = nlohmann::json::array();
-    for (const auto& c : reply->choices)
-      choices.push_back({{"expert", c.expert_id}, {"version", c.version}, {"score", c.score}, {"shard", c.shard_id},
-                         {"reason", c.reason}});
+    const auto choices = actors::choices_json(reply->choices);
     nlohmann::json used = nlohmann::json::array();
     for (const auto& e : reply->experts) used.push_back({{"expert", e.expert_id}, {"version", e.version}});
     std::cout << nlohmann::json{{"choices", choices}, {"experts", used}, {"combine", reply->combine},

@@ -141,11 +141,7 @@ std::optional<net::GenerateReply> ask_router(NodeSystem& node, const caf::actor&
                                              std::chrono::milliseconds timeout, std::string* error) {
   if (request.request_id == 0) request.request_id = next_correlation_id();
   auto reply = call(node, router, std::move(request), timeout, error);
-  if (!reply) return std::nullopt;
-  if (auto* err = std::get_if<net::ErrorReply>(&reply->body)) {
-    *error = err->code + ": " + err->detail;
-    return std::nullopt;
-  }
+  if (!reply) return std::nullopt;  // an ErrorReply too: call() says which
   auto* g = std::get_if<net::GenerateReply>(&reply->body);
   if (!g) {
     *error = std::string("expected a generateReply, got ") + net::body_name(reply->body);
