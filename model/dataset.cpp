@@ -1,5 +1,8 @@
 #include "model/dataset.hpp"
 
+#include <sstream>
+#include <stdexcept>
+
 #include <filesystem>
 
 namespace fedmoe::model {
@@ -51,6 +54,21 @@ DataSplit prepare(const std::vector<Example>& examples, const Tokenizer& tok, si
   DataSplit d{pack_of(split.train), pack_of(split.validation)};
   if (d.train.empty()) throw DataError("the training data is empty after tokenization");
   return d;
+}
+
+std::vector<std::pair<std::string, std::vector<Example>>> load_domain_examples(const std::vector<std::string>& specs) {
+  std::vector<std::pair<std::string, std::vector<Example>>> out;
+  for (const auto& spec : specs) {
+    const auto eq = spec.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == spec.size())
+      throw std::invalid_argument("'" + spec + "': expected EXPERT=FILE[,FILE...]");
+    std::vector<std::string> files;
+    std::stringstream list(spec.substr(eq + 1));
+    for (std::string f; std::getline(list, f, ',');)
+      if (!f.empty()) files.push_back(f);
+    out.emplace_back(spec.substr(0, eq), load_examples(files));
+  }
+  return out;
 }
 
 }  // namespace fedmoe::model

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/data.hpp"
@@ -26,6 +27,10 @@ TextEncoder encoder_for(const Tokenizer& tok);
 // Examples of every file; .jsonl files are JSON lines, anything else documents. Throws DataError
 // naming a missing file, or when nothing is found.
 std::vector<Example> load_examples(const std::vector<std::string>& paths);
+
+// "EXPERT=FILE[,FILE...]" specs (fedmoe-node --router-data, --expert-data): each expert's examples,
+// in spec order. A malformed spec throws std::invalid_argument naming it; files fail as load_examples.
+std::vector<std::pair<std::string, std::vector<Example>>> load_domain_examples(const std::vector<std::string>& specs);
 
 struct DataSplit {
   std::vector<PackedSequence> train, validation;

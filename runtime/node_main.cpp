@@ -290,17 +290,16 @@ int run_shard(const NodeFlags& f, const sigset_t& signals) {
 
 // --router-data EXPERT=FILE[,FILE...] -> texts per expert (a prompt's part of each example).
 std::map<std::string, std::vector<std::string>> router_texts(const std::vector<std::string>& specs) {
+  std::vector<std::pair<std::string, std::vector<model::Example>>> domains;
+  try {
+    domains = model::load_domain_examples(specs);
+  } catch (const std::invalid_argument& e) {
+    throw CLI::ValidationError("--router-data", e.what());
+  }
   std::map<std::string, std::vector<std::string>> texts;
-  for (const auto& spec : specs) {
-    const auto eq = spec.find('=');
-    if (eq == std::string::npos || eq == 0 || eq + 1 == spec.size())
-      throw CLI::ValidationError("--router-data", "'" + spec + "': expected EXPERT=FILE[,FILE...]");
-    std::vector<std::string> files;
-    std::stringstream list(spec.substr(eq + 1));
-    for (std::string f; std::getline(list, f, ',');)
-      if (!f.empty()) files.push_back(f);
-    auto& out = texts[spec.substr(0, eq)];
-    for (const auto& ex : model::load_examples(files))
+  for (const auto& [expert, examples] : domains) {
+    auto& out = texts[expert];
+    for (const auto& ex : examples)
       if (auto t = model::routing_text(ex); !t.empty()) out.push_back(std::move(t));
   }
   return texts;

@@ -41,18 +41,16 @@ struct ExpertData {
 
 std::vector<ExpertData> load_expert_data(const RealSimConfig& c) {
   if (c.expert_data.empty()) throw std::runtime_error("a real-clock simulation needs --expert-data EXPERT=FILE");
+  std::vector<std::pair<std::string, std::vector<model::Example>>> domains;
+  try {
+    domains = model::load_domain_examples(c.expert_data);
+  } catch (const std::invalid_argument& e) {
+    throw std::runtime_error(std::string("--expert-data ") + e.what());
+  }
   std::vector<ExpertData> out;
-  for (const auto& spec : c.expert_data) {
-    const auto eq = spec.find('=');
-    if (eq == std::string::npos || eq == 0 || eq + 1 == spec.size())
-      throw std::runtime_error("--expert-data '" + spec + "': expected EXPERT=FILE[,FILE...]");
-    std::vector<std::string> files;
-    std::stringstream list(spec.substr(eq + 1));
-    for (std::string f; std::getline(list, f, ',');)
-      if (!f.empty()) files.push_back(f);
+  for (auto& [id, examples] : domains) {
     ExpertData e;
-    e.id = spec.substr(0, eq);
-    auto examples = model::load_examples(files);
+    e.id = id;
     std::vector<size_t> order(examples.size());
     for (size_t i = 0; i < order.size(); ++i) order[i] = i;
     model::shuffle_deterministic(order, c.seed);
