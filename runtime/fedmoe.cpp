@@ -1,6 +1,7 @@
-// `fedmoe`: model tools — tokenize, pretrain, finetune, eval, generate, export-peft, import-peft, inspect.
+// `fedmoe`: model tools — tokenize, corpus, pretrain, finetune, eval, generate, export-peft, import-peft, inspect.
 #include <CLI/CLI.hpp>
 
+#include "runtime/corpus_command.hpp"
 #include "runtime/model_commands.hpp"
 #include "runtime/tokenize_command.hpp"
 
@@ -10,6 +11,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   fedmoe::runtime::add_model_commands(app);
   fedmoe::runtime::add_tokenize_command(app);
+  fedmoe::runtime::add_corpus_command(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }
