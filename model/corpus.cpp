@@ -772,6 +772,7 @@ std::vector<std::string> source_files(const CorpusSource& source) {
 struct Chunk {
   std::string text;
   std::string file;   // its source file
+  std::string key;    // source kind and the file's path below the source root: the worker choice
   size_t order = 0;   // position in the domain's reading order
   uint64_t hash = 0;  // of the normalized text
 };
@@ -829,6 +830,8 @@ CorpusDomainReport build_domain(const CorpusDomain& domain, const CorpusOptions&
         continue;
       }
       ++r.files_read;
+      const std::string key =
+          std::string(to_string(source.kind)) + ":" + fs::path(file).lexically_relative(source.root).string();
       for (const auto& text : merged) {
         ++r.chunks;
         const uint64_t h = stable_hash(normalized(text));
@@ -836,7 +839,7 @@ CorpusDomainReport build_domain(const CorpusDomain& domain, const CorpusOptions&
           ++r.duplicates;
           continue;
         }
-        chunks.push_back({text, file, chunks.size(), h});
+        chunks.push_back({text, file, key, chunks.size(), h});
       }
     }
   }
@@ -864,10 +867,20 @@ CorpusDomainReport build_domain(const CorpusDomain& domain, const CorpusOptions&
   in_reading_order(validation);
 
   const int workers = std::max(o.workers, 1);
+  // Whole files to workers: the files in the order of a hash of their path below the source root
+  // (where the tree lives does not matter), dealt round-robin, so parts differ and none is empty
+  // while there are at least as many files as workers.
   std::vector<std::vector<const Chunk*>> parts(static_cast<size_t>(workers));
   std::vector<std::unordered_set<std::string>> part_files(parts.size());
+  std::map<std::string, uint64_t> file_hash;
+  for (const Chunk* c : train) file_hash.emplace(c->file, stable_hash(c->key));
+  std::vector<std::pair<uint64_t, std::string>> files;
+  for (const auto& [file, h] : file_hash) files.emplace_back(h, file);
+  std::sort(files.begin(), files.end());
+  std::map<std::string, size_t> worker_of;
+  for (size_t i = 0; i < files.size(); ++i) worker_of[files[i].second] = i % parts.size();
   for (const Chunk* c : train) {
-    const size_t k = stable_hash(fs::path(c->file).filename().string() + "|" + c->file) % parts.size();
+    const size_t k = worker_of.at(c->file);
     parts[k].push_back(c);
     part_files[k].insert(c->file);
   }

@@ -6,7 +6,8 @@
 // occurrence wins), and every choice after that (which chunks fit the size cap, validation or
 // train, which worker) is made from a hash of the content or of the source path, never from
 // directory order or the clock. Workers get whole source files, so their parts are disjoint and
-// differ in distribution (one worker sees the email package, another sqlite3), like private data.
+// differ in distribution (one worker sees the email package, another sqlite3), like private data;
+// files are dealt out round-robin in the order of a hash of their path below the source root.
 //
 // Torch-free, tokenizer-free: plain text in, plain text out.
 #pragma once

@@ -203,6 +203,14 @@ TEST_CASE("build_corpus writes deterministic, deduplicated, disjoint train, vali
     for (const char* f : {"train.jsonl", "validation.jsonl", "worker-0.jsonl", "worker-1.jsonl"})
       CHECK(slurp(root / "out-a" / d / f) == slurp(root / "out-b" / d / f));
   CHECK(slurp(root / "out-a" / "manifest.json") == slurp(root / "out-b" / "manifest.json"));
+  // The same sources elsewhere give the same parts: nothing depends on where the tree lives.
+  const fs::path moved = temp_dir("build-moved");
+  for (const char* sub : {"py", "sql", "html", "man"}) fs::copy(root / sub, moved / sub, fs::copy_options::recursive);
+  build_corpus(fixture_options(moved, moved / "out"));
+  for (const char* d : {"python", "sql", "docs"})
+    for (const char* f : {"train.jsonl", "validation.jsonl", "worker-0.jsonl", "worker-1.jsonl"})
+      CHECK(slurp(root / "out-a" / d / f) == slurp(moved / "out" / d / f));
+  fs::remove_all(moved);
 
   const auto& py = a.domains[0];
   CHECK(py.name == "python");
