@@ -49,7 +49,14 @@ void request(Self* self, net::Body body) {
 void pull(Self* self) {
   auto& st = self->state;
   if (st.finished) return;
-  request(self, net::SnapshotRequest{st.options.expert_id, 0});
+  if (st.options.stop && st.options.stop->load()) {
+    st.finished = true;
+    spdlog::info("{}: stopped after {} rounds ({} accepted)", st.options.worker_id, st.rounds_done, st.accepted);
+    return;
+  }
+  const uint64_t min_version =
+      st.options.sync_rounds && !st.history.empty() ? st.history.back().base_version + 1 : 0;
+  request(self, net::SnapshotRequest{st.options.expert_id, min_version});
 }
 
 void failover(Self* self, const std::string& why) {
@@ -107,9 +114,14 @@ void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& s
   rec.round = st.rounds_done + 1;
   rec.base_version = snap.version;
   rec.replica = m.sender_id;
+  rec.wait_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - st.idle_since).count();
   model::LocalRound r;
   try {
     r = st.options.trainer->train(lora_spec_of(snap.spec), adapter);
+  } catch (const model::TrainingCancelled&) {
+    st.finished = true;  // stopped mid-round: nothing to push
+    spdlog::info("{}: stopped during round {} ({} accepted)", st.options.worker_id, rec.round, st.accepted);
+    return;
   } catch (const std::exception& e) {
     // An expert this worker's base cannot train (shapes, targets): nothing to push; say so and stop.
     spdlog::error("{}: cannot train expert '{}' v{}: {}", st.options.worker_id, snap.spec.expert_id, snap.version,
@@ -157,6 +169,7 @@ void finish_round(Self* self, WorkerRoundRecord rec) {
   st.awaiting = 0;
   ++st.rounds_done;
   rec.finished_unix_ms = net::unix_ms_now();
+  st.idle_since = std::chrono::steady_clock::now();
   st.history.push_back(std::move(rec));
   if (st.history.size() > 1000) st.history.erase(st.history.begin());
   report_figures(self);
@@ -182,7 +195,7 @@ std::string status_json(Self* self) {
                       {"new_version", r.new_version}, {"staleness", r.staleness},     {"weight", r.weight},
                       {"train_loss", r.train_loss},   {"val_loss_before", r.val_loss_before},
                       {"val_loss_after", r.val_loss_after}, {"compute_seconds", r.compute_seconds},
-                      {"delay_seconds", r.delay_seconds}, {"replica", r.replica},
+                      {"delay_seconds", r.delay_seconds}, {"wait_seconds", r.wait_seconds}, {"replica", r.replica},
                       {"finished_unix_ms", r.finished_unix_ms}});
   }
   nlohmann::json j = {{"node_id", st.options.worker_id},
@@ -295,7 +308,15 @@ caf::behavior worker(Self* self, std::shared_ptr<net::Transport> transport, Work
                        rej->detail);
           return finish_round(self, rec);
         }
-        if (auto* err = std::get_if<net::ErrorReply>(&m.body)) return failover(self, "answered " + err->code + ": " + err->detail);
+        if (auto* err = std::get_if<net::ErrorReply>(&m.body)) {
+          if (st.options.sync_rounds && err->code == "version_unavailable") {
+            // The shard's round is still open: ask again shortly (not the replica's fault).
+            st.awaiting = 0;
+            self->delayed_send(self, std::chrono::milliseconds(st.options.sync_poll_ms), pull_atom::value);
+            return;
+          }
+          return failover(self, "answered " + err->code + ": " + err->detail);
+        }
       },
   };
 }

@@ -42,6 +42,15 @@ struct WorkerOptions {
   uint64_t latency_ms = 0, jitter_ms = 0;
   uint64_t reply_timeout_ms = 30'000;
   uint64_t retry_ms = 200;                   // wait before pulling again after an error reply
+  // Synchronous rounds (FedAvg): each round starts from a version newer than the one the previous
+  // round trained from, asked for as SnapshotRequest.min_version and polled every sync_poll_ms while
+  // the shard's round is still open. Without it a fast worker would train again from the same
+  // version and count twice in one FedAvg round.
+  bool sync_rounds = false;
+  uint64_t sync_poll_ms = 50;
+  // Set by whoever runs the fleet (the real-clock simulation's duration): no new round starts, and
+  // the trainer (give it the same flag) stops within a step.
+  std::shared_ptr<const std::atomic<bool>> stop;
   uint64_t seed = 0;
   Membership membership;                     // with a coordinator: joins and heartbeats
 };
@@ -55,6 +64,7 @@ struct WorkerRoundRecord {
   double weight = 0;
   double train_loss = 0, val_loss_before = 0, val_loss_after = 0;
   double compute_seconds = 0, delay_seconds = 0;
+  double wait_seconds = 0;    // from the previous verdict to this round's snapshot (sync rounds: the barrier)
   std::string replica;        // shard id that answered
   int64_t finished_unix_ms = 0;  // when the verdict arrived
 };
@@ -71,6 +81,7 @@ struct WorkerState {
   uint64_t failovers = 0;
   std::vector<WorkerRoundRecord> history;
   WorkerRoundRecord current;       // the round in flight
+  std::chrono::steady_clock::time_point idle_since = std::chrono::steady_clock::now();  // last verdict
   std::mt19937_64 rng;
   bool finished = false;
   uint64_t placement_epoch = 0;

@@ -61,6 +61,7 @@ LocalRound LocalTrainer::train(const LoraSpec& spec, const std::map<std::string,
   torch::optim::AdamW opt(params, torch::optim::AdamWOptions(config_.lr).weight_decay(0.0));
   double loss_sum = 0;
   for (int64_t step = 0; step < config_.steps; ++step) {
+    if (config_.cancel && config_.cancel->load()) throw TrainingCancelled("local training cancelled");
     std::vector<size_t> idx;
     while (idx.size() < size_t(config_.batch)) {
       if (cursor_ == order_.size()) {  // a new epoch over the local data, reshuffled

@@ -4,7 +4,10 @@
 // compute time). The frozen base is loaded once and shared by every round.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <memory>
+#include <stdexcept>
 #include <map>
 #include <string>
 
@@ -22,6 +25,13 @@ struct LocalTrainingConfig {
   double max_grad_norm = 1.0;
   int64_t eval_batches = 4;   // validation batches per evaluation (0 = the whole split)
   uint64_t seed = 0;          // data order
+  // Checked before every step: when it turns true, train() throws TrainingCancelled (a federation
+  // that is being stopped does not wait for whole rounds).
+  std::shared_ptr<const std::atomic<bool>> cancel;
+};
+
+struct TrainingCancelled : std::runtime_error {
+  using std::runtime_error::runtime_error;
 };
 
 struct LocalRound {

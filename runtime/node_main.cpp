@@ -75,6 +75,7 @@ struct NodeFlags {
   std::string expert, base_model, tokenizer, device = "cpu";
   std::vector<std::string> data;
   double speed_factor = 1.0;
+  bool sync_rounds = false;
   uint64_t latency_ms = 0, jitter_ms = 0, rounds = 0;
   int64_t local_steps = 8, batch = 4, seq_len = 128;
   double lr = 1e-3, val_fraction = 0.1;
@@ -86,6 +87,10 @@ struct NodeFlags {
   uint64_t reply_timeout_ms = 10'000;
   // sim
   std::string clock = "virtual", metrics;
+  double duration_s = 0, eval_every_s = 0;
+  std::vector<std::string> validation_data;
+  size_t eval_examples = 64;
+  std::string out_dir;
   VirtualSimConfig sim;
   bool workers_given = false;
   std::vector<std::string> expert_data;
@@ -143,6 +148,12 @@ int run_real_sim(const NodeFlags& f) {
   c.shards = f.shards;
   c.replication = f.replication;
   if (f.rounds > 0) c.rounds = f.rounds;
+  c.duration_s = f.duration_s;
+  if (c.duration_s > 0 && f.rounds == 0) c.rounds = 0;  // as many rounds as the time allows
+  c.eval_every_s = f.eval_every_s;
+  c.validation_data = f.validation_data;
+  c.eval_examples = f.eval_examples;
+  c.out_dir = f.out_dir;
   c.base_model = f.base_model;
   c.model_config = f.model_config;
   c.tokenizer = f.tokenizer;
@@ -239,6 +250,7 @@ int run_worker(const NodeFlags& f, const sigset_t& signals) {
   o.trainer = std::make_shared<model::LocalTrainer>(base, std::move(data), lc);
   o.rounds = f.rounds;
   o.speed_factor = f.speed_factor;
+  o.sync_rounds = f.sync_rounds;
   o.latency_ms = f.latency_ms;
   o.jitter_ms = f.jitter_ms;
   o.seed = f.seed;
@@ -593,6 +605,9 @@ int node_main(int argc, char** argv) {
   app.add_option("--device", nf.device, "worker: cpu")->group(worker_group);
   app.add_option("--speed-factor", nf.speed_factor, "worker: behave like a device this many times slower")
       ->group(worker_group);
+  app.add_flag("--sync-rounds", nf.sync_rounds,
+               "worker: start each round from a newer version than the last (synchronous FedAvg rounds)")
+      ->group(worker_group);
   app.add_option("--latency-ms", nf.latency_ms, "worker: delay every message it sends")->group(worker_group);
   app.add_option("--jitter-ms", nf.jitter_ms, "worker: +- random part of the latency")->group(worker_group);
   app.add_option("--rounds", nf.rounds, "worker: pushes to make, then exit (0: until stopped)")->group(worker_group);
@@ -634,6 +649,19 @@ int node_main(int argc, char** argv) {
                  "(repeatable)")
       ->group(sim_group);
   app.add_option("--shards", nf.shards, "sim, real clock: expert shards")->group(sim_group);
+  app.add_option("--duration-s", nf.duration_s,
+                 "sim, real clock: stop the workers after this many seconds (without --rounds: as many rounds as fit)")
+      ->group(sim_group);
+  app.add_option("--eval-every-s", nf.eval_every_s,
+                 "sim, real clock: take each expert's newest version this often for the validation curve")
+      ->group(sim_group);
+  app.add_option("--validation-data", nf.validation_data,
+                 "sim, real clock: EXPERT=FILE[,FILE]: held-out data of the validation curve (default: a tenth "
+                 "of --expert-data)")
+      ->group(sim_group);
+  app.add_option("--eval-examples", nf.eval_examples, "sim, real clock: validation examples per expert")->group(sim_group);
+  app.add_option("--out-dir", nf.out_dir, "sim, real clock: write each expert's final version here as a PEFT adapter")
+      ->group(sim_group);
   app.add_option("--model-config", nf.model_config, "sim, real clock: config.json of a fresh base (without --base-model)")
       ->group(sim_group);
   app.add_option("--rank", nf.rank, "sim, real clock: LoRA rank of the experts")->group(sim_group);

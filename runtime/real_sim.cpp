@@ -1,6 +1,8 @@
 #include "runtime/real_sim.hpp"
 
+#include <atomic>
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <map>
 #include <sstream>
@@ -146,7 +148,32 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
     }
   }
 
+  // Captured versions for the validation curve: taken while the federation runs, evaluated after.
+  struct Capture {
+    double t;
+    std::string expert;
+    uint64_t version;
+    net::ExpertSpec spec;
+    std::map<std::string, torch::Tensor> tensors;
+  };
+  std::vector<Capture> captures;
+  auto capture = [&] {
+    for (const auto& e : experts) {
+      // The primary (first in the placement) has every accepted update first.
+      auto pulled = pull_snapshot(node, replicas.at(e.id).front(), e.id, 0, kTimeout);
+      if (!pulled.ok) {
+        spdlog::warn("sim: no snapshot of '{}' for the validation curve: {}", e.id, pulled.error);
+        continue;
+      }
+      Capture cap{seconds(), e.id, pulled.snapshot.version, pulled.snapshot.spec, {}};
+      for (const auto& t : pulled.snapshot.tensors) cap.tensors.emplace(t.name, actors::from_wire(t).clone());
+      captures.push_back(std::move(cap));
+    }
+  };
+  capture();  // version 0: the base's own loss
+
   // Workers: round-robin over the experts, each with its own part of the expert's data.
+  auto stop = std::make_shared<std::atomic<bool>>(false);
   std::map<std::string, uint64_t> per_expert;
   for (uint64_t w = 0; w < c.workers; ++w) ++per_expert[experts[w % experts.size()].id];
   std::vector<std::pair<caf::actor, json>> workers;
@@ -166,6 +193,7 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
     lc.batch = c.batch;
     lc.lr = c.lr;
     lc.seed = c.seed + w;
+    lc.cancel = stop;
     try {
       o.trainer = std::make_shared<model::LocalTrainer>(
           make_base(c), model::prepare(mine, tok, size_t(c.seq_len), 0.2, c.seed + w), lc);
@@ -175,6 +203,8 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
     }
     o.rounds = c.rounds;
     o.speed_factor = speed / c.speed_min;  // the fastest worker runs at this machine's speed
+    o.sync_rounds = c.policy.name == "fedavg";  // synchronous rounds: one update per worker per round
+    o.stop = stop;
     o.latency_ms = c.latency_ms;
     o.jitter_ms = c.jitter_ms;
     o.seed = c.seed + w;
@@ -211,7 +241,16 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
   // worker answers between rounds only (training blocks it): one that does not answer within 100 ms
   // is asked again on the next pass; t is when its verdict arrived.
   RealSimResult result;
+  double next_capture = c.eval_every_s > 0 ? seconds() + c.eval_every_s : -1;
   for (;;) {
+    if (c.duration_s > 0 && !stop->load() && seconds() >= c.duration_s) {
+      stop->store(true);  // no new rounds; training in progress ends within a step
+      metrics << json{{"event", "stop"}, {"t", seconds()}}.dump() << std::endl;
+    }
+    if (next_capture > 0 && !stop->load() && seconds() >= next_capture) {
+      capture();
+      next_capture += c.eval_every_s;
+    }
     bool all = true;
     for (auto& [w, info] : workers) {
       std::string error;
@@ -239,6 +278,8 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
     if (all) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
+
+  capture();  // the final versions
 
   // Summary from the coordinator's view of the shards.
   auto cs = status(node, coord);
@@ -290,6 +331,46 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
     metrics << line.dump() << std::endl;
   }
   result.wall_seconds = seconds();
+
+  // The validation curve, computed now that the workers are done (their cores are free again).
+  torch::set_num_threads(threads_before);
+  std::map<std::string, std::vector<model::Example>> validation;
+  if (!c.validation_data.empty()) {
+    try {
+      for (auto& [id, ex] : model::load_domain_examples(c.validation_data)) validation[id] = std::move(ex);
+    } catch (const std::invalid_argument& e) {
+      throw std::runtime_error(std::string("--validation-data ") + e.what());
+    }
+  }
+  for (const auto& e : experts) {
+    auto& val = validation[e.id];
+    if (val.empty()) val = e.held_out;
+    if (val.size() > c.eval_examples) val.resize(c.eval_examples);
+    const auto packed = model::prepare(val, tok, size_t(c.seq_len), 0.0, c.seed);
+    model::LocalTrainingConfig ec;
+    ec.batch = c.batch;
+    ec.eval_batches = 0;  // all of it
+    model::LocalTrainer evaluator(make_base(c), model::DataSplit{packed.train, packed.train}, ec);
+    std::map<uint64_t, double> by_version;  // a version's loss does not change
+    const Capture* last = nullptr;
+    for (const auto& cap : captures) {
+      if (cap.expert != e.id) continue;
+      auto it = by_version.find(cap.version);
+      if (it == by_version.end())
+        it = by_version.emplace(cap.version, evaluator.evaluate(actors::lora_spec_of(cap.spec), cap.tensors)).first;
+      metrics << json{{"event", "eval"}, {"t", cap.t}, {"expert", e.id}, {"version", cap.version},
+                      {"val_loss", it->second}, {"val_ppl", std::exp(it->second)}, {"examples", val.size()}}
+                     .dump()
+              << std::endl;
+      last = &cap;
+    }
+    if (!c.out_dir.empty() && last) {
+      model::LoraExperts adapters(make_base(c));
+      adapters.import_adapter(e.id, actors::lora_spec_of(last->spec), last->tensors);
+      const auto dir = (std::filesystem::path(c.out_dir) / e.id).string();
+      model::save_peft_adapter(adapters, e.id, dir, c.base_model.empty() ? c.model_config : c.base_model);
+    }
+  }
   return result;
 }
 

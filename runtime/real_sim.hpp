@@ -8,7 +8,8 @@
 // Output: metrics JSON lines — one per finished worker round ("event": "round": expert, versions,
 // staleness, verdict, losses, compute and delay seconds), then "event": "summary" (per expert:
 // version, accepted and rejected by reason; the staleness histogram; wall seconds), then one
-// "event": "ask" per expert: the router's choice for a held-out prompt of that expert's data.
+// "event": "ask" per expert: the router's choice for a held-out prompt of that expert's data, then
+// the "event": "eval" lines (t, expert, version, val_loss, val_ppl).
 #pragma once
 
 #include <cstdint>
@@ -25,7 +26,8 @@ struct RealSimConfig {
   uint64_t workers = 4;                  // assigned to experts round-robin
   uint64_t shards = 3;
   uint64_t replication = 2;
-  uint64_t rounds = 3;                   // pushes per worker
+  uint64_t rounds = 3;                   // pushes per worker (0 with duration_s: as many as fit)
+  double duration_s = 0;                 // > 0: stop the workers after this many seconds
   std::string base_model;                // Hugging Face Qwen2 directory; "" = a fresh base of model_config
   std::string model_config = "examples/models/fedmoe-tiny.json";
   std::string tokenizer;                 // "" = the base's, else the one scripts/setup installs
@@ -40,6 +42,14 @@ struct RealSimConfig {
   uint32_t max_new_tokens = 16;
   uint64_t seed = 1;
   model::PolicyConfig policy;
+  // Validation loss over time: every eval_every_s the newest version of each expert is taken from its
+  // primary (and once at the start and at the end); after the run, when the cores are free again,
+  // each is evaluated on the expert's validation data (EXPERT=FILE, else its held-out tenth), at most
+  // eval_examples examples. One "event": "eval" line per (time, expert).
+  double eval_every_s = 0;               // 0: only the start and the end
+  std::vector<std::string> validation_data;
+  size_t eval_examples = 64;
+  std::string out_dir;                   // when set: OUT/<expert>/ the final version as a PEFT adapter
 };
 
 struct RealSimResult {

