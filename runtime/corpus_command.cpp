@@ -1,6 +1,8 @@
 #include "runtime/corpus_command.hpp"
 
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <cmath>
 #include <iostream>
 #include <memory>
@@ -43,25 +45,11 @@ void run_corpus(const CorpusFlags& f) {
   o.max_chars = f.max_chars;
   o.min_examples = f.min_examples;
   const auto start = std::chrono::steady_clock::now();
-  const auto report = model::build_corpus(o);
-  json domains = json::object();
-  for (size_t i = 0; i < report.domains.size(); ++i) {
-    const auto& r = report.domains[i];
-    json sources = json::array();
-    for (const auto& s : o.domains[i].sources) sources.push_back(std::string(model::to_string(s.kind)) + ":" + s.root);
-    domains[r.name] = {{"sources", sources},
-                       {"files", r.files_read},
-                       {"files_skipped", r.files_skipped},
-                       {"chunks", r.chunks},
-                       {"duplicates", r.duplicates},
-                       {"over_cap", r.over_cap},
-                       {"train", r.train},
-                       {"validation", r.validation},
-                       {"train_bytes", r.train_bytes},
-                       {"validation_bytes", r.validation_bytes},
-                       {"worker_examples", r.worker_examples},
-                       {"worker_bytes", r.worker_bytes}};
-  }
+  model::build_corpus(o);
+  // The result line carries what the manifest records per domain (sources and sizes).
+  std::ifstream manifest_file(std::filesystem::path(f.out) / "manifest.json");
+  const json manifest = json::parse(manifest_file);
+  const json& domains = manifest.at("domains");
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::cout << json{{"corpus", f.out}, {"domains", domains}, {"seconds", std::round(seconds * 100) / 100}}.dump()
             << std::endl;

@@ -181,3 +181,26 @@ TEST_CASE("fedmoe reports user errors in one line and a non-zero exit", "[cli]")
   CHECK(s4 == 1);
   CHECK_THAT(o4, Catch::Contains("CUDA is not available"));
 }
+
+TEST_CASE("fedmoe corpus builds a domain from a source tree and prints its sizes, or names a missing source", "[cli]") {
+  const auto out = workdir() / "corpus-out";
+  // This repository's own Python files stand in for the standard library.
+  auto [s1, o1] = run({kFedmoe, "corpus", "--out", out.string(), "--domain", "python=python:" + kSource + "/tests/reference",
+                       "--workers", "1", "--min-examples", "5"},
+                      60s);
+  INFO(o1);
+  REQUIRE(s1 == 0);
+  const auto result = nlohmann::json::parse(o1.substr(o1.find('{')));
+  const auto& py = result["domains"]["python"];
+  CHECK(py["files_read"].get<int>() >= 3);
+  CHECK(py["train"].get<int>() >= 5);
+  CHECK(py["worker_examples"][0] == py["train"]);
+  CHECK(fs::exists(out / "python" / "train.jsonl"));
+  CHECK(fs::exists(out / "python" / "worker-0.jsonl"));
+  CHECK(fs::exists(out / "manifest.json"));
+
+  auto [s2, o2] = run({kFedmoe, "corpus", "--out", out.string(), "--domain", "sql=sql:/nonexistent/extension"}, 60s);
+  CHECK(s2 == 1);
+  CHECK_THAT(o2, Catch::Contains("fedmoe corpus: sql source '/nonexistent/extension' is not a directory") &&
+                     Catch::Contains("postgresql-15"));
+}
