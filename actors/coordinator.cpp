@@ -22,11 +22,6 @@ using Self = caf::stateful_actor<CoordinatorState>;
 using lease_tick_atom = caf::atom_constant<caf::atom("leasetick")>;
 using status_timeout_atom = caf::atom_constant<caf::atom("stimeout")>;
 
-int64_t now_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 void send_to(Self* self, const caf::actor& to, uint64_t correlation_id, net::Body body) {
   self->state.transport->send(self, to, self->state.options.node_id, correlation_id, std::move(body));
 }
@@ -174,7 +169,7 @@ caf::behavior coordinator(Self* self, std::shared_ptr<net::Transport> transport,
       std::ifstream in(path);
       auto j = nlohmann::json::parse(in, nullptr, false);
       if (j.is_discarded()) throw std::runtime_error(path.string() + ": not valid JSON");
-      st.registry = std::make_unique<Registry>(Registry::from_json(j, st.options.registry, now_ms()));
+      st.registry = std::make_unique<Registry>(Registry::from_json(j, st.options.registry, net::steady_ms_now()));
       spdlog::info("{}: resumed from {}: {} experts, {} members, epoch {}", st.options.node_id, path.string(),
                    st.registry->experts().size(), st.registry->members().size(), st.registry->epoch());
     }
@@ -184,7 +179,7 @@ caf::behavior coordinator(Self* self, std::shared_ptr<net::Transport> transport,
   return {
       [=](lease_tick_atom) {
         std::vector<std::string> died;
-        if (self->state.registry->expire(now_ms(), &died)) {
+        if (self->state.registry->expire(net::steady_ms_now(), &died)) {
           for (const auto& id : died) spdlog::warn("{}: '{}' missed its lease", self->state.options.node_id, id);
           changed(self, true);
         } else if (!died.empty()) {
@@ -206,7 +201,7 @@ caf::behavior coordinator(Self* self, std::shared_ptr<net::Transport> transport,
         const net::Message& m = received->value();
         if (auto* h = std::get_if<net::Hello>(&m.body)) {
           remember_sender(self, h->node_id);
-          const bool moved = st.registry->join(*h, now_ms());
+          const bool moved = st.registry->join(*h, net::steady_ms_now());
           spdlog::info("{}: '{}' joined as {}", st.options.node_id, h->node_id, net::to_string(h->role));
           reply(self, m.correlation_id, net::HelloAck{true, st.options.registry.lease_ms, "", st.options.node_id});
           changed(self, moved);
@@ -222,7 +217,7 @@ caf::behavior coordinator(Self* self, std::shared_ptr<net::Transport> transport,
             return reply(self, m.correlation_id, net::ErrorReply{"not_a_member", "send hello first"});
           }
           remember_sender(self, hb->node_id);
-          if (st.registry->heartbeat(*hb, now_ms())) changed(self, true);
+          if (st.registry->heartbeat(*hb, net::steady_ms_now())) changed(self, true);
           return;
         }
         if (auto* leave = std::get_if<net::Leave>(&m.body)) {

@@ -22,11 +22,6 @@ namespace {
 using Self = caf::stateful_actor<RouterState>;
 using fetch_timeout_atom = caf::atom_constant<caf::atom("ftimeout")>;
 
-int64_t now_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 void send_to(Self* self, const caf::actor& to, uint64_t correlation_id, net::Body body) {
   self->state.transport->send(self, to, self->state.options.node_id, correlation_id, std::move(body));
 }
@@ -119,7 +114,7 @@ void run_generation(Self* self, uint64_t gid) {
   auto it = st.pending.find(gid);
   if (it == st.pending.end()) return;
   auto& p = it->second;
-  const double fetch_seconds = double(now_ms() - p.started_ms) / 1000.0;
+  const double fetch_seconds = double(net::steady_ms_now() - p.started_ms) / 1000.0;
   model::GenerationOptions g;
   g.max_new_tokens = p.request.max_new_tokens ? p.request.max_new_tokens : st.options.max_new_tokens;
   g.sampling.temperature = p.request.temperature;
@@ -128,7 +123,7 @@ void run_generation(Self* self, uint64_t gid) {
   g.sampling.seed = p.request.seed;
   net::GenerateReply reply;
   reply.request_id = p.request.request_id;
-  const auto t0 = now_ms();
+  const auto t0 = net::steady_ms_now();
   try {
     std::string text;
     for (auto& choice : p.choices) {
@@ -158,7 +153,7 @@ void run_generation(Self* self, uint64_t gid) {
   reply.choices = p.choices;
   reply.combine = p.combine;
   ++st.generations;
-  const double gen_seconds = double(now_ms() - t0) / 1000.0;
+  const double gen_seconds = double(net::steady_ms_now() - t0) / 1000.0;
   spdlog::info("{}: request {} answered with {} ({}), fetch {:.3f} s, generation {:.3f} s", st.options.node_id,
                p.request.request_id, reply.experts.size() == 1 ? reply.experts[0].expert_id + " v" +
                                                                      std::to_string(reply.experts[0].version)
@@ -216,7 +211,7 @@ void send_fetch(Self* self, uint64_t gid, size_t index) {
   auto& st = self->state;
   auto& f = st.pending.at(gid).fetches[index];
   f.correlation = st.next_id++;
-  f.sent_ms = now_ms();
+  f.sent_ms = net::steady_ms_now();
   st.fetch_of[f.correlation] = {gid, index};
   auto& h = st.health[f.shard];
   ++h.requests;
@@ -238,7 +233,7 @@ void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& s
   auto& h = st.health[f.shard];
   ++h.answers;
   if (h.in_flight) --h.in_flight;
-  const double ms = double(now_ms() - f.sent_ms);
+  const double ms = double(net::steady_ms_now() - f.sent_ms);
   h.latency_ms = h.answers == 1 ? ms : 0.8 * h.latency_ms + 0.2 * ms;
   if (snap.spec.expert_id != f.expert) return fetch_failed(self, gid, index, "answered with expert '" + snap.spec.expert_id + "'");
   auto& known = st.versions[f.expert][f.shard];
@@ -265,7 +260,7 @@ void on_generate(Self* self, const net::Message& m, const net::GenerateRequest& 
   p.client = caf::actor_cast<caf::actor>(self->current_sender());
   p.client_correlation = m.correlation_id;
   p.request = req;
-  p.started_ms = now_ms();
+  p.started_ms = net::steady_ms_now();
   p.combine = req.combine.empty() ? st.options.combine : req.combine;
   st.pending[gid] = p;
   auto& pending = st.pending[gid];

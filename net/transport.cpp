@@ -15,6 +15,11 @@ int64_t unix_ms_now() {
       .count();
 }
 
+int64_t steady_ms_now() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
 Transport::Transport(caf::actor_system& system, Options options)
     : system_(system), options_(std::move(options)), counters_(std::make_unique<Counters>()) {
   options_.bulk_client.max_size = std::min<uint64_t>(options_.bulk_client.max_size, options_.limits.max_message_bytes);

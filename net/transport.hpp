@@ -96,5 +96,7 @@ class Transport {
 
 // Current wall-clock time in Unix milliseconds, for Message::sent_at_unix_ms.
 int64_t unix_ms_now();
+// Monotonic milliseconds (steady clock), for leases, timeouts and measured latencies.
+int64_t steady_ms_now();
 
 }  // namespace fedmoe::net
