@@ -12,6 +12,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "model/utf8.hpp"
+
 namespace fedmoe::model {
 
 namespace fs = std::filesystem;
@@ -214,25 +216,8 @@ std::string decode_entities(std::string_view s) {
       } catch (...) {
         code = -1;
       }
-      if (code > 0 && code < 0x110000 && !(code >= 0xd800 && code < 0xe000)) {
-        // UTF-8 encode.
-        const auto c = static_cast<uint32_t>(code);
-        if (c < 0x80) {
-          out += static_cast<char>(c);
-        } else if (c < 0x800) {
-          out += static_cast<char>(0xc0 | (c >> 6));
-          out += static_cast<char>(0x80 | (c & 0x3f));
-        } else if (c < 0x10000) {
-          out += static_cast<char>(0xe0 | (c >> 12));
-          out += static_cast<char>(0x80 | ((c >> 6) & 0x3f));
-          out += static_cast<char>(0x80 | (c & 0x3f));
-        } else {
-          out += static_cast<char>(0xf0 | (c >> 18));
-          out += static_cast<char>(0x80 | ((c >> 12) & 0x3f));
-          out += static_cast<char>(0x80 | ((c >> 6) & 0x3f));
-          out += static_cast<char>(0x80 | (c & 0x3f));
-        }
-      }
+      if (code > 0 && code < 0x110000 && !(code >= 0xd800 && code < 0xe000))
+        append_utf8(out, static_cast<char32_t>(code));
       i = semi;
       continue;
     }
@@ -300,7 +285,7 @@ std::string special_char(const std::string& name) {
       {"ga", "`"},  {"aa", "'"},  {"lB", "["},   {"rB", "]"},   {"lC", "{"},   {"rC", "}"},  {"la", "<"},
       {"ra", ">"},  {"<=", "<="}, {">=", ">="},  {"!=", "!="},  {"->", "->"},  {"<-", "<-"}, {"pl", "+"},
       {"eq", "="},  {"ba", "|"},  {"or", "|"},   {"sl", "/"},   {"dg", "+"},   {"de", " degrees"},
-      {"R", "(R)"}, {"Tm", "(TM)"}, {"lq", "\""}};
+      {"R", "(R)"}, {"Tm", "(TM)"}};
   const auto it = chars.find(name);
   return it == chars.end() ? std::string() : it->second;
 }
@@ -482,7 +467,7 @@ std::string render_man(const std::string& roff) {
   };
   static const std::unordered_set<std::string> spaced = {
       "B",  "I",  "SM", "SB", "Nm", "Nd", "Ar", "Pa", "Xr", "Em", "Sy", "Dq", "Ql", "Cm", "Va", "Ev", "Fn", "Ft",
-      "Fa", "Li", "Dv", "Er", "Ic", "Ad", "An", "Ms", "Sq", "Pq", "Op", "Ev", "Tn", "Ux", "Bx", "Ox", "Nx", "Fx",
+      "Fa", "Li", "Dv", "Er", "Ic", "Ad", "An", "Ms", "Sq", "Pq", "Op", "Tn", "Ux", "Bx", "Ox", "Nx", "Fx",
       "Lk", "Mt", "Cd", "Fd", "In", "Vt", "St", "Ot", "Dl", "UR", "MT", "It", "Aq", "Brq", "Bq", "Eo", "Ec", "No"};
   static const std::unordered_set<std::string> alternating = {"BR", "IR", "RB", "RI", "BI", "IB"};
   static const std::unordered_set<std::string> breaks = {"PP", "LP", "P",  "Pp", "sp", "br", "TP", "TQ", "HP",
@@ -616,23 +601,44 @@ std::vector<std::string> merge_pieces(const std::vector<std::string>& pieces, si
   return chunks;
 }
 
-SourceKind parse_source_kind(const std::string& text) {
-  if (text == "python") return SourceKind::python;
-  if (text == "sql") return SourceKind::sql;
-  if (text == "html-sql") return SourceKind::html_sql;
-  if (text == "man") return SourceKind::man;
-  throw CorpusError("unknown source kind '" + text + "' (python, sql, html-sql, man)");
+namespace {
+
+// Everything that differs between the kinds of source besides their text extraction.
+struct KindInfo {
+  SourceKind kind;
+  const char* name;
+  const char* package;                    // the Debian package(s) that install the default source
+  std::vector<const char*> suffixes;      // files read; empty: every file (man pages, .gz or not)
+};
+
+const std::vector<KindInfo>& kinds() {
+  static const std::vector<KindInfo> table = {
+      {SourceKind::python, "python", "libpython3.11-stdlib (python3)", {".py"}},
+      {SourceKind::sql, "sql", "postgresql-15", {".sql"}},
+      {SourceKind::html_sql, "html-sql", "postgresql-doc-15", {".html", ".htm"}},
+      {SourceKind::man, "man", "manpages, manpages-dev", {}},
+  };
+  return table;
 }
 
-const char* to_string(SourceKind kind) {
-  switch (kind) {
-    case SourceKind::python: return "python";
-    case SourceKind::sql: return "sql";
-    case SourceKind::html_sql: return "html-sql";
-    case SourceKind::man: return "man";
-  }
-  return "?";
+const KindInfo& info(SourceKind kind) {
+  for (const auto& k : kinds())
+    if (k.kind == kind) return k;
+  throw CorpusError("unknown source kind");  // every enumerator is in the table
 }
+
+}  // namespace
+
+SourceKind parse_source_kind(const std::string& text) {
+  std::string names;
+  for (const auto& k : kinds()) {
+    if (text == k.name) return k.kind;
+    names += (names.empty() ? "" : ", ") + std::string(k.name);
+  }
+  throw CorpusError("unknown source kind '" + text + "' (" + names + ")");
+}
+
+const char* to_string(SourceKind kind) { return info(kind).name; }
 
 CorpusDomain parse_corpus_domain(const std::string& spec) {
   const auto eq = spec.find('=');
@@ -689,8 +695,7 @@ std::string newest_dir(const std::string& parent, const std::string& prefix, con
 }  // namespace
 
 std::vector<CorpusDomain> default_corpus_domains() {
-  std::string python = newest_dir("/usr/lib", "python3.", "", "os.py");
-  if (!python.empty()) python = "/usr/lib/" + fs::path(python).filename().string();
+  const std::string python = newest_dir("/usr/lib", "python3.", "", "os.py");
   const std::string pg_ext = newest_dir("/usr/share/postgresql", "", "/extension", "plpgsql.control");
   const std::string pg_doc = newest_dir("/usr/share/doc", "postgresql-doc-", "/html", "index.html");
   return {
@@ -704,16 +709,6 @@ std::vector<CorpusDomain> default_corpus_domains() {
 
 namespace {
 
-const char* package_hint(SourceKind kind) {
-  switch (kind) {
-    case SourceKind::python: return "libpython3.11-stdlib (python3)";
-    case SourceKind::sql: return "postgresql-15";
-    case SourceKind::html_sql: return "postgresql-doc-15";
-    case SourceKind::man: return "manpages, manpages-dev";
-  }
-  return "?";
-}
-
 bool skipped_python_dir(const std::string& name) {
   // Third-party packages, bytecode, and data-only modules (codec tables, pydoc's topic texts).
   return name == "site-packages" || name == "dist-packages" || name == "__pycache__" || name == "pydoc_data" ||
@@ -725,24 +720,15 @@ std::vector<std::string> source_files(const CorpusSource& source) {
   std::error_code ec;
   if (!fs::is_directory(source.root, ec))
     throw CorpusError(std::string(to_string(source.kind)) + " source '" + source.root +
-                      "' is not a directory (Debian package " + package_hint(source.kind) +
+                      "' is not a directory (Debian package " + info(source.kind).package +
                       "; scripts/setup installs it)");
   std::vector<std::string> files;
+  const auto& suffixes = info(source.kind).suffixes;
   auto add = [&](const fs::directory_entry& e) {
     if (!e.is_regular_file(ec) || e.is_symlink(ec)) return;  // symlinked pages are other pages' aliases
     const std::string name = e.path().filename().string();
-    switch (source.kind) {
-      case SourceKind::python:
-        if (ends_with(name, ".py")) files.push_back(e.path().string());
-        break;
-      case SourceKind::sql:
-        if (ends_with(name, ".sql")) files.push_back(e.path().string());
-        break;
-      case SourceKind::html_sql:
-        if (ends_with(name, ".html") || ends_with(name, ".htm")) files.push_back(e.path().string());
-        break;
-      case SourceKind::man: files.push_back(e.path().string()); break;
-    }
+    if (suffixes.empty() || std::any_of(suffixes.begin(), suffixes.end(), [&](const char* x) { return ends_with(name, x); }))
+      files.push_back(e.path().string());
   };
   if (source.kind == SourceKind::man) {
     // Only the English sections: ROOT/man1 .. ROOT/man9 (ROOT/de/man1 etc. are translations).
@@ -897,7 +883,7 @@ CorpusDomainReport build_domain(const CorpusDomain& domain, const CorpusOptions&
   }
 
   std::string where;
-  for (const auto& s : domain.sources) where += (where.empty() ? "" : ", ") + s.root + " (" + package_hint(s.kind) + ")";
+  for (const auto& s : domain.sources) where += (where.empty() ? "" : ", ") + s.root + " (" + info(s.kind).package + ")";
   if (train.size() < o.min_examples)
     throw CorpusError("domain '" + domain.name + "': only " + std::to_string(train.size()) + " train examples (at least " +
                       std::to_string(o.min_examples) + " needed) from " + where +

@@ -17,6 +17,7 @@
 //    Unicode 15.1/16.0 letters and numbers are listed below, and anything newer than 16.0 that a
 //    later ICU knows counts as unassigned, as it does for Oniguruma.
 #include "model/tokenizer.hpp"
+#include "model/utf8.hpp"
 
 #include <unicode/normalizer2.h>
 #include <unicode/uchar.h>
@@ -115,24 +116,6 @@ char32_t next_code_point(std::string_view s, size_t& i) {
     i += 4;
   }
   return c;
-}
-
-void append_utf8(std::string& out, char32_t c) {
-  if (c < 0x80) {
-    out += static_cast<char>(c);
-  } else if (c < 0x800) {
-    out += static_cast<char>(0xC0 | (c >> 6));
-    out += static_cast<char>(0x80 | (c & 0x3F));
-  } else if (c < 0x10000) {
-    out += static_cast<char>(0xE0 | (c >> 12));
-    out += static_cast<char>(0x80 | ((c >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (c & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (c >> 18));
-    out += static_cast<char>(0x80 | ((c >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((c >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (c & 0x3F));
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
