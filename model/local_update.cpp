@@ -27,22 +27,26 @@ void LocalTrainer::load(const LoraSpec& spec, const std::map<std::string, torch:
   experts_.activate("local");
 }
 
-double LocalTrainer::validation_loss() {
-  if (data_.validation.empty()) return std::numeric_limits<double>::quiet_NaN();
+double evaluate_loss(Qwen2ForCausalLM& model, const std::vector<PackedSequence>& sequences, int64_t batch,
+                     int64_t max_batches) {
+  if (sequences.empty()) return std::numeric_limits<double>::quiet_NaN();
   torch::NoGradGuard no_grad;
-  auto& model = experts_.model();
   model->eval();
   double total = 0;
   int64_t batches = 0;
-  for (size_t start = 0; start < data_.validation.size(); start += size_t(config_.batch)) {
-    if (config_.eval_batches > 0 && batches >= config_.eval_batches) break;
+  for (size_t start = 0; start < sequences.size(); start += size_t(batch)) {
+    if (max_batches > 0 && batches >= max_batches) break;
     std::vector<size_t> idx;
-    for (size_t i = start; i < std::min(data_.validation.size(), start + size_t(config_.batch)); ++i) idx.push_back(i);
-    auto [ids, labels] = make_batch(data_.validation, idx);
+    for (size_t i = start; i < std::min(sequences.size(), start + size_t(batch)); ++i) idx.push_back(i);
+    auto [ids, labels] = make_batch(sequences, idx);
     total += causal_lm_loss(model, ids, labels).item<double>();
     ++batches;
   }
   return total / double(batches);
+}
+
+double LocalTrainer::validation_loss() {
+  return evaluate_loss(experts_.model(), data_.validation, config_.batch, config_.eval_batches);
 }
 
 double LocalTrainer::evaluate(const LoraSpec& spec, const std::map<std::string, torch::Tensor>& adapter) {

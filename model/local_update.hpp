@@ -44,6 +44,11 @@ struct LocalRound {
   double compute_seconds = 0;
 };
 
+// Mean next-token loss of `model` (evaluation mode, no gradients) over `sequences`, `batch` at a time:
+// the mean of the batches' mean losses, over the first max_batches batches (0 = all). NaN for none.
+double evaluate_loss(Qwen2ForCausalLM& model, const std::vector<PackedSequence>& sequences, int64_t batch,
+                     int64_t max_batches = 0);
+
 class LocalTrainer {
  public:
   LocalTrainer(Qwen2ForCausalLM base, DataSplit data, LocalTrainingConfig config);

@@ -346,18 +346,21 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
     auto& val = validation[e.id];
     if (val.empty()) val = e.held_out;
     if (val.size() > c.eval_examples) val.resize(c.eval_examples);
-    const auto packed = model::prepare(val, tok, size_t(c.seq_len), 0.0, c.seed);
-    model::LocalTrainingConfig ec;
-    ec.batch = c.batch;
-    ec.eval_batches = 0;  // all of it
-    model::LocalTrainer evaluator(make_base(c), model::DataSplit{packed.train, packed.train}, ec);
+    const auto packed = model::prepare(val, tok, size_t(c.seq_len), 0.0, c.seed).train;  // all of it
+    // One base for this expert's versions (attached one at a time) and its final adapter.
+    model::LoraExperts adapters(make_base(c));
     std::map<uint64_t, double> by_version;  // a version's loss does not change
     const Capture* last = nullptr;
     for (const auto& cap : captures) {
       if (cap.expert != e.id) continue;
       auto it = by_version.find(cap.version);
-      if (it == by_version.end())
-        it = by_version.emplace(cap.version, evaluator.evaluate(actors::lora_spec_of(cap.spec), cap.tensors)).first;
+      if (it == by_version.end()) {
+        const std::string name = e.id + "@" + std::to_string(cap.version);
+        adapters.import_adapter(name, actors::lora_spec_of(cap.spec), cap.tensors);
+        adapters.activate(name);
+        it = by_version.emplace(cap.version, model::evaluate_loss(adapters.model(), packed, c.batch)).first;
+        adapters.detach(name);
+      }
       metrics << json{{"event", "eval"}, {"t", cap.t}, {"expert", e.id}, {"version", cap.version},
                       {"val_loss", it->second}, {"val_ppl", std::exp(it->second)}, {"examples", val.size()}}
                      .dump()
@@ -365,7 +368,6 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
       last = &cap;
     }
     if (!c.out_dir.empty() && last) {
-      model::LoraExperts adapters(make_base(c));
       adapters.import_adapter(e.id, actors::lora_spec_of(last->spec), last->tensors);
       const auto dir = (std::filesystem::path(c.out_dir) / e.id).string();
       model::save_peft_adapter(adapters, e.id, dir, c.base_model.empty() ? c.model_config : c.base_model);
