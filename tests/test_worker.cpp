@@ -12,6 +12,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <thread>
 
 #include <caf/send.hpp>
@@ -89,29 +90,44 @@ void wait_finished(runtime::NodeSystem& node, const std::vector<caf::actor>& wor
   FAIL("the workers did not finish");
 }
 
+// A shard seeded with the fixture's expert, and two workers w0, w1 of it making 3 rounds each;
+// `tune(options, i)` sets what differs between the tests (speeds, latencies, sync rounds).
+struct ShardAndWorkers {
+  caf::actor shard;
+  std::vector<caf::actor> workers;
+};
+ShardAndWorkers shard_and_two_workers(Fixture& fx, runtime::NodeSystem& node, const model::PolicyConfig& policy,
+                                      uint64_t seed, const std::function<void(actors::WorkerOptions&, int)>& tune) {
+  actors::ExpertStoreOptions so;
+  so.policy = policy;
+  ShardAndWorkers out;
+  out.shard = node.own(node.system().spawn(actors::expert_shard_with, std::string("shard-1"), node.transport(), so));
+  REQUIRE(runtime::push_snapshot(node, out.shard, fx.initial(), kTimeout).ok);
+  for (int i = 0; i < 2; ++i) {
+    actors::WorkerOptions o;
+    o.worker_id = "w" + std::to_string(i);
+    o.expert_id = "sql";
+    o.replicas = {out.shard};
+    o.trainer = fx.trainer(seed + i);
+    o.rounds = 3;
+    tune(o, i);
+    out.workers.push_back(node.own(node.system().spawn<caf::detached>(actors::worker, node.transport(), o)));
+  }
+  return out;
+}
+
 }  // namespace
 
 TEST_CASE("workers train an expert through a shard: versions advance, validation loss falls", "[worker]") {
   Fixture fx;
   runtime::NodeSystem node;
-  actors::ExpertStoreOptions so;
-  so.policy.name = "fedasync";
-  so.policy.alpha = 0.8;
-  auto shard = node.own(node.system().spawn(actors::expert_shard_with, std::string("shard-1"), node.transport(), so));
-  REQUIRE(runtime::push_snapshot(node, shard, fx.initial(), kTimeout).ok);
-
-  std::vector<caf::actor> workers;
-  for (int i = 0; i < 2; ++i) {
-    actors::WorkerOptions o;
-    o.worker_id = "w" + std::to_string(i);
-    o.expert_id = "sql";
-    o.replicas = {shard};
-    o.trainer = fx.trainer(10 + i);
-    o.rounds = 3;
+  model::PolicyConfig policy;
+  policy.name = "fedasync";
+  policy.alpha = 0.8;
+  auto [shard, workers] = shard_and_two_workers(fx, node, policy, 10, [](actors::WorkerOptions& o, int i) {
     o.speed_factor = i == 0 ? 1.0 : 1.5;  // w1 behaves like a slower device
     o.latency_ms = i == 0 ? 0 : 20;
-    workers.push_back(node.own(node.system().spawn<caf::detached>(actors::worker, node.transport(), o)));
-  }
+  });
   wait_finished(node, workers);
 
   auto s = status_of(node, shard);
@@ -212,24 +228,13 @@ TEST_CASE("sync-round workers under FedAvg: each round takes one update of each 
           "[worker]") {
   Fixture fx;
   runtime::NodeSystem node;
-  actors::ExpertStoreOptions so;
-  so.policy.name = "fedavg";
-  so.policy.clients_per_round = 2;
-  auto shard = node.own(node.system().spawn(actors::expert_shard_with, std::string("shard-1"), node.transport(), so));
-  REQUIRE(runtime::push_snapshot(node, shard, fx.initial(), kTimeout).ok);
-
-  std::vector<caf::actor> workers;
-  for (int i = 0; i < 2; ++i) {
-    actors::WorkerOptions o;
-    o.worker_id = "w" + std::to_string(i);
-    o.expert_id = "sql";
-    o.replicas = {shard};
-    o.trainer = fx.trainer(20 + i);
-    o.rounds = 3;
+  model::PolicyConfig policy;
+  policy.name = "fedavg";
+  policy.clients_per_round = 2;
+  auto [shard, workers] = shard_and_two_workers(fx, node, policy, 20, [](actors::WorkerOptions& o, int i) {
     o.sync_rounds = true;
     o.speed_factor = i == 0 ? 1.0 : 3.0;  // w1 takes three times as long per round
-    workers.push_back(node.own(node.system().spawn<caf::detached>(actors::worker, node.transport(), o)));
-  }
+  });
   wait_finished(node, workers);
 
   auto expert = status_of(node, shard)["experts"][0];
