@@ -105,6 +105,14 @@ void follow_placement(Self* self) {
   }
 }
 
+// The fleet is being stopped (WorkerOptions::stop) while a round trains or waits out its device
+// delay: that round pushes nothing.
+void stopped_mid_round(Self* self, uint64_t round) {
+  auto& st = self->state;
+  st.finished = true;
+  spdlog::info("{}: stopped during round {} ({} accepted)", st.options.worker_id, round, st.accepted);
+}
+
 void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& snap) {
   auto& st = self->state;
   st.awaiting = 0;
@@ -119,9 +127,7 @@ void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& s
   try {
     r = st.options.trainer->train(lora_spec_of(snap.spec), adapter);
   } catch (const model::TrainingCancelled&) {
-    st.finished = true;  // stopped mid-round: nothing to push
-    spdlog::info("{}: stopped during round {} ({} accepted)", st.options.worker_id, rec.round, st.accepted);
-    return;
+    return stopped_mid_round(self, rec.round);
   } catch (const std::exception& e) {
     // An expert this worker's base cannot train (shapes, targets): nothing to push; say so and stop.
     spdlog::error("{}: cannot train expert '{}' v{}: {}", st.options.worker_id, snap.spec.expert_id, snap.version,
@@ -135,7 +141,15 @@ void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& s
   rec.compute_seconds = r.compute_seconds;
   if (st.options.speed_factor > 1.0) {  // behave like a slower device
     rec.delay_seconds = (st.options.speed_factor - 1.0) * r.compute_seconds;
-    std::this_thread::sleep_for(std::chrono::duration<double>(rec.delay_seconds));
+    // In slices, so that a stop reaches a slow device mid-round as it reaches the trainer mid-round.
+    const auto until = std::chrono::steady_clock::now() +
+                       std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                           std::chrono::duration<double>(rec.delay_seconds));
+    while (std::chrono::steady_clock::now() < until) {
+      if (st.options.stop && st.options.stop->load()) return stopped_mid_round(self, rec.round);
+      std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(until - std::chrono::steady_clock::now(),
+                                                                                std::chrono::milliseconds(50)));
+    }
   }
   net::UpdatePush u;
   u.expert_id = snap.spec.expert_id;

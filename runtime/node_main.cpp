@@ -650,7 +650,7 @@ int node_main(int argc, char** argv) {
       ->group(sim_group);
   app.add_option("--shards", nf.shards, "sim, real clock: expert shards")->group(sim_group);
   app.add_option("--duration-s", nf.duration_s,
-                 "sim, real clock: stop the workers after this many seconds (without --rounds: as many rounds as fit)")
+                 "sim, real clock: stop the workers this many seconds after they start (without --rounds: as many rounds as fit)")
       ->group(sim_group);
   app.add_option("--eval-every-s", nf.eval_every_s,
                  "sim, real clock: take each expert's newest version this often for the validation curve")

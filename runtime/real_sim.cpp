@@ -1,5 +1,6 @@
 #include "runtime/real_sim.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -39,6 +40,7 @@ struct ExpertData {
   std::string id;
   std::vector<model::Example> train;  // split among the expert's workers
   std::vector<model::Example> held_out;  // prompts the router is asked at the end
+  std::vector<model::Example> validation;  // the validation curve's data (at most eval_examples)
 };
 
 std::vector<ExpertData> load_expert_data(const RealSimConfig& c) {
@@ -59,8 +61,25 @@ std::vector<ExpertData> load_expert_data(const RealSimConfig& c) {
     const size_t held = std::max<size_t>(1, examples.size() / 10);
     for (size_t i = 0; i < order.size(); ++i) (i < held ? e.held_out : e.train).push_back(examples[order[i]]);
     if (e.train.empty()) throw std::runtime_error("expert '" + e.id + "': too few examples to train on");
+    e.validation = e.held_out;
     out.push_back(std::move(e));
   }
+  // Read at the start, so that a bad file is reported before the federation trains for minutes.
+  if (!c.validation_data.empty()) {
+    std::vector<std::pair<std::string, std::vector<model::Example>>> validation;
+    try {
+      validation = model::load_domain_examples(c.validation_data);
+    } catch (const std::invalid_argument& e) {
+      throw std::runtime_error(std::string("--validation-data ") + e.what());
+    }
+    for (auto& [id, examples] : validation) {
+      auto it = std::find_if(out.begin(), out.end(), [&](const ExpertData& e) { return e.id == id; });
+      if (it == out.end()) throw std::runtime_error("--validation-data: expert '" + id + "' has no --expert-data");
+      it->validation = std::move(examples);
+    }
+  }
+  for (auto& e : out)
+    if (e.validation.size() > c.eval_examples) e.validation.resize(c.eval_examples);
   return out;
 }
 
@@ -174,6 +193,7 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
 
   // Workers: round-robin over the experts, each with its own part of the expert's data.
   auto stop = std::make_shared<std::atomic<bool>>(false);
+  const double workers_start = seconds();  // duration_s counts from here: set-up is not training time
   std::map<std::string, uint64_t> per_expert;
   for (uint64_t w = 0; w < c.workers; ++w) ++per_expert[experts[w % experts.size()].id];
   std::vector<std::pair<caf::actor, json>> workers;
@@ -243,7 +263,7 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
   RealSimResult result;
   double next_capture = c.eval_every_s > 0 ? seconds() + c.eval_every_s : -1;
   for (;;) {
-    if (c.duration_s > 0 && !stop->load() && seconds() >= c.duration_s) {
+    if (c.duration_s > 0 && !stop->load() && seconds() >= workers_start + c.duration_s) {
       stop->store(true);  // no new rounds; training in progress ends within a step
       metrics << json{{"event", "stop"}, {"t", seconds()}}.dump() << std::endl;
     }
@@ -334,19 +354,8 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
 
   // The validation curve, computed now that the workers are done (their cores are free again).
   torch::set_num_threads(threads_before);
-  std::map<std::string, std::vector<model::Example>> validation;
-  if (!c.validation_data.empty()) {
-    try {
-      for (auto& [id, ex] : model::load_domain_examples(c.validation_data)) validation[id] = std::move(ex);
-    } catch (const std::invalid_argument& e) {
-      throw std::runtime_error(std::string("--validation-data ") + e.what());
-    }
-  }
   for (const auto& e : experts) {
-    auto& val = validation[e.id];
-    if (val.empty()) val = e.held_out;
-    if (val.size() > c.eval_examples) val.resize(c.eval_examples);
-    const auto packed = model::prepare(val, tok, size_t(c.seq_len), 0.0, c.seed).train;  // all of it
+    const auto packed = model::prepare(e.validation, tok, size_t(c.seq_len), 0.0, c.seed).train;  // all of it
     // One base for this expert's versions (attached one at a time) and its final adapter.
     model::LoraExperts adapters(make_base(c));
     std::map<uint64_t, double> by_version;  // a version's loss does not change
@@ -362,7 +371,7 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
         adapters.detach(name);
       }
       metrics << json{{"event", "eval"}, {"t", cap.t}, {"expert", e.id}, {"version", cap.version},
-                      {"val_loss", it->second}, {"val_ppl", std::exp(it->second)}, {"examples", val.size()}}
+                      {"val_loss", it->second}, {"val_ppl", std::exp(it->second)}, {"examples", e.validation.size()}}
                      .dump()
               << std::endl;
       last = &cap;

@@ -27,7 +27,7 @@ struct RealSimConfig {
   uint64_t shards = 3;
   uint64_t replication = 2;
   uint64_t rounds = 3;                   // pushes per worker (0 with duration_s: as many as fit)
-  double duration_s = 0;                 // > 0: stop the workers after this many seconds
+  double duration_s = 0;                 // > 0: stop the workers this many seconds after they start
   std::string base_model;                // Hugging Face Qwen2 directory; "" = a fresh base of model_config
   std::string model_config = "examples/models/fedmoe-tiny.json";
   std::string tokenizer;                 // "" = the base's, else the one scripts/setup installs

