@@ -46,6 +46,7 @@ double evaluate_loss(Qwen2ForCausalLM& model, const std::vector<PackedSequence>&
 }
 
 double LocalTrainer::validation_loss() {
+  if (config_.eval_batches < 0) return std::numeric_limits<double>::quiet_NaN();  // local evaluation off
   return evaluate_loss(experts_.model(), data_.validation, config_.batch, config_.eval_batches);
 }
 

@@ -23,7 +23,7 @@ struct LocalTrainingConfig {
   int64_t batch = 4;          // sequences per step
   double lr = 1e-3;           // AdamW, fresh each round (local SGD)
   double max_grad_norm = 1.0;
-  int64_t eval_batches = 4;   // validation batches per evaluation (0 = the whole split)
+  int64_t eval_batches = 4;   // validation batches per evaluation (0 = the whole split, < 0 = none: NaN)
   uint64_t seed = 0;          // data order
   // Checked before every step: when it turns true, train() throws TrainingCancelled (a federation
   // that is being stopped does not wait for whole rounds).

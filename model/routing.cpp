@@ -94,12 +94,34 @@ std::vector<ExpertScore> RuleRouter::route(const std::string& prompt) const {
 
 // --- the learned router ---------------------------------------------------------------------------
 
-torch::Tensor HiddenStateRouter::features(Qwen2ForCausalLM& base, const std::vector<int32_t>& ids) {
+namespace {
+constexpr const char* kFinal = "final_mean";                             // [H]
+constexpr const char* kEmbeddingAndFinal = "embedding_mean+final_mean";  // [2H]
+}  // namespace
+
+torch::Tensor HiddenStateRouter::prefix_features(Qwen2ForCausalLM& base, const std::vector<int32_t>& ids,
+                                                 bool with_embeddings, const std::vector<int64_t>& lengths) {
   torch::NoGradGuard no_grad;
   std::vector<int64_t> ids64(ids.begin(), ids.end());
-  auto input = torch::tensor(ids64, torch::kInt64).unsqueeze(0);  // [1, T]
-  auto hidden = base->model->forward(input);                      // [1, T, H]
-  return hidden.to(torch::kFloat32).mean(1).squeeze(0);          // [H]
+  auto input = torch::tensor(ids64, torch::kInt64).unsqueeze(0);   // [1, T]
+  // Causal attention: the states of a prefix's positions are those of the prefix alone, so one
+  // forward serves every prefix length.
+  auto parts = std::vector<torch::Tensor>{};
+  if (with_embeddings) parts.push_back(base->model->embed_tokens->forward(input).to(torch::kFloat32)[0]);  // [T, H]
+  parts.push_back(base->model->forward(input).to(torch::kFloat32)[0]);                                    // [T, H]
+  auto states = torch::cat(parts, 1);                             // [T, F]
+  auto running = states.cumsum(0);                                // [T, F]
+  std::vector<torch::Tensor> rows;
+  for (auto l : lengths) {
+    l = std::min<int64_t>(l, states.size(0));
+    rows.push_back(running[l - 1] / double(l));                   // [F]: mean of the first l positions
+  }
+  return torch::stack(rows);                                      // [K, F]
+}
+
+torch::Tensor HiddenStateRouter::features(Qwen2ForCausalLM& base, const std::vector<int32_t>& ids,
+                                          bool with_embeddings) {
+  return prefix_features(base, ids, with_embeddings, {int64_t(ids.size())})[0];
 }
 
 torch::Tensor HiddenStateRouter::logits(const torch::Tensor& features) const {
@@ -114,40 +136,65 @@ HiddenStateRouter HiddenStateRouter::train(Qwen2ForCausalLM& base, const Tokeniz
     throw std::invalid_argument("a learned router needs the domain data of at least two experts, got " +
                                 std::to_string(texts.size()));
   HiddenStateRouter r;
+  r.max_tokens_ = config.max_tokens;
+  // Rows: each text's first max_tokens tokens, and its shorter prefixes of kPrefixes tokens (a
+  // prompt is often shorter than a training text); `group` keeps a text's rows on one side of the
+  // validation split, and validation scores each held-out text as a whole.
+  static const std::vector<int64_t> kPrefixes{8, 32};
   std::vector<torch::Tensor> rows;
-  std::vector<int64_t> labels;
+  std::vector<int64_t> labels, group, whole;  // per row: label, text index, 1 for the whole-text row
+  int64_t texts_used = 0;
   for (const auto& [expert, list] : texts) {
     const int64_t label = static_cast<int64_t>(r.experts_.size());
     r.experts_.push_back(expert);
     size_t used = 0;
-    for (const auto& t : list) {
+    // An even stride over the list when it holds more than max_texts (deterministic, whole domain).
+    const size_t n = config.max_texts > 0 ? std::min(config.max_texts, list.size()) : list.size();
+    for (size_t k = 0; k < n; ++k) {
+      const auto& t = list[k * list.size() / n];
       auto ids = tok.encode(t);
       if (ids.empty()) continue;
       if (int64_t(ids.size()) > config.max_tokens) ids.resize(size_t(config.max_tokens));
-      rows.push_back(features(base, ids));
-      labels.push_back(label);
+      std::vector<int64_t> lengths;
+      for (auto p : kPrefixes)
+        if (p < int64_t(ids.size())) lengths.push_back(p);
+      lengths.push_back(int64_t(ids.size()));
+      auto f = prefix_features(base, ids, r.with_embeddings_, lengths);  // [K, F]
+      for (int64_t i = 0; i < f.size(0); ++i) {
+        rows.push_back(f[i]);
+        labels.push_back(label);
+        group.push_back(texts_used);
+        whole.push_back(i + 1 == f.size(0) ? 1 : 0);
+      }
+      ++texts_used;
       ++used;
     }
     if (used == 0) throw std::invalid_argument("expert '" + expert + "' has no non-empty text to train the router on");
   }
-  auto x = torch::stack(rows);                      // [N, H]
+  auto x = torch::stack(rows);                      // [N, F]
   auto y = torch::tensor(labels, torch::kInt64);    // [N]
-  const int64_t n = x.size(0), h = x.size(1), e = int64_t(r.experts_.size());
+  const int64_t h = x.size(1), e = int64_t(r.experts_.size());
 
-  // Deterministic split, stratified by nothing but the seed: every expert keeps at least its share
-  // in expectation, and a tiny set keeps everything for training.
-  std::vector<size_t> order(size_t(n), 0);
+  // Deterministic split of the texts, stratified by nothing but the seed: every expert keeps at
+  // least its share in expectation, and a tiny set keeps everything for training.
+  std::vector<size_t> order(size_t(texts_used), 0);
   std::iota(order.begin(), order.end(), 0);
   shuffle_deterministic(order, config.seed);
-  int64_t n_val = n >= 10 ? int64_t(std::llround(double(n) * config.validation_fraction)) : 0;
-  std::vector<int64_t> tr(order.begin() + n_val, order.end()), va(order.begin(), order.begin() + n_val);
+  const int64_t n_val = texts_used >= 10 ? int64_t(std::llround(double(texts_used) * config.validation_fraction)) : 0;
+  std::vector<bool> held_out(size_t(texts_used), false);
+  for (int64_t i = 0; i < n_val; ++i) held_out[order[size_t(i)]] = true;
+  std::vector<int64_t> tr, va;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (!held_out[size_t(group[i])]) tr.push_back(int64_t(i));
+    else if (whole[i]) va.push_back(int64_t(i));
+  }
   auto tr_idx = torch::tensor(tr, torch::kInt64);
   auto xt = x.index_select(0, tr_idx), yt = y.index_select(0, tr_idx);
 
-  r.mean_ = xt.mean(0);                              // [H]
-  r.std_ = xt.std(0, /*unbiased=*/false).clamp_min(1e-5);  // [H]
+  r.mean_ = xt.mean(0);                              // [F]
+  r.std_ = xt.std(0, /*unbiased=*/false).clamp_min(1e-5);  // [F]
   torch::manual_seed(config.seed);
-  r.weight_ = torch::zeros({e, h}, torch::kFloat32).requires_grad_(true);  // [E, H]
+  r.weight_ = torch::zeros({e, h}, torch::kFloat32).requires_grad_(true);  // [E, F]
   r.bias_ = torch::zeros({e}, torch::kFloat32).requires_grad_(true);       // [E]
   torch::optim::AdamW opt({r.weight_, r.bias_}, torch::optim::AdamWOptions(config.lr).weight_decay(config.weight_decay));
   for (int64_t step = 0; step < config.steps; ++step) {
@@ -160,7 +207,7 @@ HiddenStateRouter HiddenStateRouter::train(Qwen2ForCausalLM& base, const Tokeniz
   r.bias_ = r.bias_.detach();
   if (report) {
     torch::NoGradGuard no_grad;
-    report->train_examples = size_t(xt.size(0));
+    report->train_examples = size_t(texts_used - n_val);
     report->validation_examples = va.size();
     report->train_accuracy = r.logits(xt).argmax(1).eq(yt).to(torch::kFloat64).mean().item<double>();
     if (va.empty()) {
@@ -184,8 +231,9 @@ std::vector<ExpertScore> HiddenStateRouter::route(Qwen2ForCausalLM& base, const 
   if (!trained()) throw std::logic_error("the learned router is not trained");
   auto ids = tok.encode(prompt);
   if (ids.empty()) return {};
+  if (int64_t(ids.size()) > max_tokens_) ids.resize(size_t(max_tokens_));  // as in training
   torch::NoGradGuard no_grad;
-  auto p = torch::softmax(logits(features(base, ids).unsqueeze(0)), 1).squeeze(0);  // [E]
+  auto p = torch::softmax(logits(features(base, ids, with_embeddings_).unsqueeze(0)), 1).squeeze(0);  // [E]
   std::vector<ExpertScore> out;
   for (size_t i = 0; i < experts_.size(); ++i) {
     const double prob = p[int64_t(i)].item<double>();
@@ -200,7 +248,10 @@ std::vector<ExpertScore> HiddenStateRouter::route(Qwen2ForCausalLM& base, const 
 void HiddenStateRouter::save(const std::string& path) const {
   if (!trained()) throw std::logic_error("the learned router is not trained");
   write_safetensors(path, {{"weight", weight_}, {"bias", bias_}, {"feature_mean", mean_}, {"feature_std", std_}},
-                    {{"format", "fedmoe-router"}, {"experts", nlohmann::json(experts_).dump()}});
+                    {{"format", "fedmoe-router"},
+                     {"experts", nlohmann::json(experts_).dump()},
+                     {"features", with_embeddings_ ? kEmbeddingAndFinal : kFinal},
+                     {"max_tokens", std::to_string(max_tokens_)}});
 }
 
 HiddenStateRouter HiddenStateRouter::load(const std::string& path, int64_t hidden_size) {
@@ -211,6 +262,19 @@ HiddenStateRouter HiddenStateRouter::load(const std::string& path, int64_t hidde
   auto names = nlohmann::json::parse(meta["experts"], nullptr, false);
   if (names.is_discarded() || !names.is_array() || names.empty()) throw fail("metadata 'experts' is not a JSON list");
   HiddenStateRouter r;
+  // Files without "features" predate the embedding half: final hidden states only.
+  const auto kind = meta.count("features") ? meta["features"] : std::string(kFinal);
+  if (kind != kFinal && kind != kEmbeddingAndFinal)
+    throw fail("metadata 'features' is '" + kind + "', expected '" + kEmbeddingAndFinal + "' or '" + kFinal + "'");
+  r.with_embeddings_ = kind == kEmbeddingAndFinal;
+  if (meta.count("max_tokens")) {
+    try {
+      r.max_tokens_ = std::stoll(meta["max_tokens"]);
+    } catch (const std::exception&) {
+      r.max_tokens_ = 0;
+    }
+    if (r.max_tokens_ < 1) throw fail("metadata 'max_tokens' is '" + meta["max_tokens"] + "', not a positive number");
+  }
   for (const auto& n : names) {
     if (!n.is_string()) throw fail("metadata 'experts' holds a non-string");
     r.experts_.push_back(n.get<std::string>());
@@ -224,12 +288,14 @@ HiddenStateRouter HiddenStateRouter::load(const std::string& path, int64_t hidde
   r.std_ = t["feature_std"].to(torch::kFloat32).clone();
   const int64_t e = int64_t(r.experts_.size());
   const int64_t h = r.weight_.dim() == 2 ? r.weight_.size(1) : -1;
-  if (r.weight_.dim() != 2 || r.weight_.size(0) != e) throw fail("weight must be [experts=" + std::to_string(e) + ", H]");
+  if (r.weight_.dim() != 2 || r.weight_.size(0) != e) throw fail("weight must be [experts=" + std::to_string(e) + ", F]");
   if (r.bias_.sizes() != torch::IntArrayRef{e}) throw fail("bias must be [" + std::to_string(e) + "]");
   if (r.mean_.sizes() != torch::IntArrayRef{h} || r.std_.sizes() != torch::IntArrayRef{h})
     throw fail("feature_mean and feature_std must be [" + std::to_string(h) + "]");
-  if (hidden_size > 0 && h != hidden_size)
-    throw fail("trained on hidden size " + std::to_string(h) + ", this base has " + std::to_string(hidden_size));
+  const int64_t per_part = r.with_embeddings_ ? h / 2 : h;
+  if (r.with_embeddings_ && h % 2 != 0) throw fail("features '" + kind + "' need an even width, weight has " + std::to_string(h));
+  if (hidden_size > 0 && per_part != hidden_size)
+    throw fail("trained on hidden size " + std::to_string(per_part) + ", this base has " + std::to_string(hidden_size));
   if (!torch::isfinite(r.weight_).all().item<bool>() || !torch::isfinite(r.bias_).all().item<bool>() ||
       !torch::isfinite(r.mean_).all().item<bool>() || !(r.std_ > 0).all().item<bool>())
     throw fail("non-finite weights or a non-positive feature_std");

@@ -56,6 +56,7 @@ class RuleRouter {
 
 struct RouterTrainingConfig {
   int64_t max_tokens = 128;      // per text (its first tokens)
+  size_t max_texts = 0;          // per expert: an even sample of this many texts (0 = all)
   int64_t steps = 300;           // full-batch AdamW steps
   double lr = 0.05;
   double weight_decay = 1e-3;
@@ -64,7 +65,7 @@ struct RouterTrainingConfig {
 };
 
 struct RouterTrainingReport {
-  size_t train_examples = 0, validation_examples = 0;
+  size_t train_examples = 0, validation_examples = 0;  // texts (each also trains as its 8- and 32-token prefixes)
   double train_accuracy = 0, validation_accuracy = 0;  // validation: NaN when there is none
   double seconds = 0;
 };
@@ -82,11 +83,18 @@ class HiddenStateRouter {
   // Probabilities of every expert for `prompt`, best first.
   std::vector<ExpertScore> route(Qwen2ForCausalLM& base, const Tokenizer& tok, const std::string& prompt) const;
 
-  // The routing feature of `ids` ([T] token ids): mean of the final hidden states, [H] fp32.
-  static torch::Tensor features(Qwen2ForCausalLM& base, const std::vector<int32_t>& ids);
+  // The routing feature of `ids` ([T] token ids), fp32: the mean of the token embeddings (what the
+  // prompt is made of) beside the mean of the final hidden states (what the model makes of it),
+  // [2H]; with_embeddings = false: the final hidden states only, [H] (routers saved before the
+  // embedding half existed). On a weakly trained base the embedding half carries most of the domain:
+  // on fedmoe-small after 80 pretraining steps the final states alone separated python, sql and man
+  // pages with 82% held-out accuracy.
+  static torch::Tensor features(Qwen2ForCausalLM& base, const std::vector<int32_t>& ids, bool with_embeddings = true);
 
-  // PATH (safetensors): weight [E, H], bias [E], feature_mean [H], feature_std [H]; the expert names
-  // in the metadata. load() checks shapes against each other and against `hidden_size` when given.
+  // PATH (safetensors): weight [E, F], bias [E], feature_mean [F], feature_std [F]; the expert names
+  // and the feature kind ("features": "embedding_mean+final_mean", F = 2H, or "final_mean", F = H,
+  // the default of files without it) in the metadata. load() checks shapes against each other and
+  // against `hidden_size` when given.
   void save(const std::string& path) const;
   static HiddenStateRouter load(const std::string& path, int64_t hidden_size = 0);
 
@@ -94,11 +102,16 @@ class HiddenStateRouter {
   const std::vector<std::string>& experts() const { return experts_; }
 
  private:
-  torch::Tensor logits(const torch::Tensor& features) const;  // [N, H] -> [N, E]
+  torch::Tensor logits(const torch::Tensor& features) const;  // [N, F] -> [N, E]
+  // Features of the prefixes of `ids` of each length (clipped to its size), from one forward: [K, F].
+  static torch::Tensor prefix_features(Qwen2ForCausalLM& base, const std::vector<int32_t>& ids, bool with_embeddings,
+                                       const std::vector<int64_t>& lengths);
 
   std::vector<std::string> experts_;
-  torch::Tensor weight_, bias_;        // [E, H], [E]
-  torch::Tensor mean_, std_;           // [H], [H]: feature standardization
+  bool with_embeddings_ = true;        // see features()
+  int64_t max_tokens_ = 128;           // a prompt's first tokens routed on (as trained; metadata "max_tokens")
+  torch::Tensor weight_, bias_;        // [E, F], [E]
+  torch::Tensor mean_, std_;           // [F], [F]: feature standardization
 };
 
 // The text a router learns from and is asked about: a text example's text, a prompt/completion's

@@ -1,8 +1,9 @@
-// `fedmoe`: model tools — tokenize, corpus, pretrain, finetune, eval, generate, export-peft, import-peft, inspect.
+// `fedmoe`: model tools — tokenize, corpus, pretrain, finetune, eval, generate, export-peft, import-peft, inspect, report.
 #include <CLI/CLI.hpp>
 
 #include "runtime/corpus_command.hpp"
 #include "runtime/model_commands.hpp"
+#include "runtime/report_command.hpp"
 #include "runtime/tokenize_command.hpp"
 
 int main(int argc, char** argv) {
@@ -12,6 +13,7 @@ int main(int argc, char** argv) {
   fedmoe::runtime::add_model_commands(app);
   fedmoe::runtime::add_tokenize_command(app);
   fedmoe::runtime::add_corpus_command(app);
+  fedmoe::runtime::add_report_command(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }

@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -10,10 +11,12 @@
 #include "model/checkpoint.hpp"
 #include "model/data.hpp"
 #include "model/dataset.hpp"
+#include "model/evaluation.hpp"
 #include "model/generation.hpp"
 #include "model/lm_loss.hpp"
 #include "model/lora.hpp"
 #include "model/qwen2.hpp"
+#include "model/routing.hpp"
 #include "model/tokenizer.hpp"
 #include "model/trainer.hpp"
 
@@ -21,6 +24,7 @@ namespace fedmoe::runtime {
 
 namespace fs = std::filesystem;
 using namespace fedmoe::model;
+using json = nlohmann::json;
 
 namespace {
 
@@ -170,12 +174,88 @@ void run_finetune(const FinetuneFlags& f) {
 }
 
 struct EvalFlags {
-  std::string base_model, adapter, tokenizer, device = "cpu";
-  std::vector<std::string> data;
+  std::string base_model, adapter, tokenizer, device = "cpu", router_model;
+  std::vector<std::string> data, experts, domains;
   int64_t seq_len = 128, batch = 4;
+  size_t max_examples = 0;
 };
 
+json summary_json(const LossSummary& s) {
+  return {{"loss", s.loss}, {"perplexity", s.perplexity}, {"tokens", s.tokens}, {"examples", s.examples}};
+}
+
+// fedmoe eval --expert NAME=DIR ... --domain NAME=FILE ...: every model on every domain, per example
+// (model/evaluation.hpp), the learned router's confusion matrix and routed perplexity on the mix.
+void run_eval_matrix(const EvalFlags& f) {
+  if (!f.adapter.empty()) throw CommandError("--adapter is for one adapter on --data; with --domain give --expert NAME=DIR");
+  if (!f.data.empty()) throw CommandError("--data and --domain do not mix: name every file's domain with --domain NAME=FILE");
+  const auto device = parse_device(f.device);
+  auto tok = load_tokenizer(f.tokenizer, f.base_model);
+  std::vector<std::pair<std::string, std::vector<Example>>> domains;
+  try {
+    domains = load_domain_examples(f.domains);
+  } catch (const std::invalid_argument& e) {
+    throw CommandError(std::string("--domain: ") + e.what());
+  }
+  auto base = load_pretrained(f.base_model);
+  LoraExperts experts(base);
+  experts.to(device);
+  std::vector<std::string> names;
+  for (const auto& spec : f.experts) {
+    const auto eq = spec.find('=');
+    if (eq == 0 || eq == std::string::npos || eq + 1 == spec.size())
+      throw CommandError("--expert " + spec + ": expected NAME=ADAPTER_DIR");
+    const auto name = spec.substr(0, eq);
+    if (name == "base") throw CommandError("--expert base=...: 'base' names the row of the base model alone");
+    if (experts.contains(name)) throw CommandError("--expert " + name + " is given twice");
+    load_peft_adapter(experts, name, spec.substr(eq + 1));
+    names.push_back(name);
+  }
+  std::optional<HiddenStateRouter> router;
+  if (!f.router_model.empty()) router = HiddenStateRouter::load(f.router_model, base->config().hidden_size);
+  ExpertEvalConfig cfg;
+  cfg.seq_len = size_t(f.seq_len);
+  cfg.batch = f.batch;
+  cfg.max_examples = f.max_examples;
+  ExpertEvalReport r;
+  try {
+    r = evaluate_experts(experts, names, domains, tok, router ? &*router : nullptr, cfg,
+                         [](const std::string& m) { std::cerr << "eval: " << m << " done" << std::endl; });
+  } catch (const std::invalid_argument& e) {
+    throw CommandError(e.what());
+  }
+  json out = {{"command", "eval"}, {"models", r.models}, {"domains", r.domains}, {"seconds", r.seconds}};
+  for (const auto& m : r.models) {
+    for (const auto& d : r.domains) out["matrix"][m][d] = summary_json(r.cells[m][d]);
+    out["mixed"][m] = summary_json(r.mixed[m]);
+  }
+  // A readable perplexity matrix on stderr (rows: models, columns: domains).
+  std::cerr << "perplexity";
+  for (const auto& d : r.domains) std::cerr << "\t" << d;
+  std::cerr << "\tmixed\n";
+  for (const auto& m : r.models) {
+    std::cerr << m;
+    for (const auto& d : r.domains) std::cerr << "\t" << r.cells[m][d].perplexity;
+    std::cerr << "\t" << r.mixed[m].perplexity << "\n";
+  }
+  if (r.has_router) {
+    json confusion = json::object();
+    for (const auto& [truth, row] : r.router.confusion)
+      for (const auto& [routed, n] : row) confusion[truth][routed] = n;
+    out["router"] = {{"experts", r.router.experts},   {"accuracy", r.router.accuracy},
+                     {"examples", r.router.examples}, {"correct", r.router.correct},
+                     {"confusion", confusion},        {"routed", summary_json(r.router.routed)}};
+    std::cerr << "routed\t(mixed)\t" << r.router.routed.perplexity << "\trouter accuracy " << r.router.accuracy << "\n";
+  }
+  std::cout << out.dump() << std::endl;
+}
+
 void run_eval(const EvalFlags& f) {
+  if (!f.domains.empty() || !f.experts.empty() || !f.router_model.empty()) {
+    if (f.domains.empty()) throw CommandError("--expert and --router-model evaluate on --domain NAME=FILE data");
+    return run_eval_matrix(f);
+  }
+  if (f.data.empty()) throw CommandError("give --data FILE (one model) or --domain NAME=FILE (the matrix)");
   const auto device = parse_device(f.device);
   auto tok = load_tokenizer(f.tokenizer, f.base_model);
   auto examples = load_examples(f.data);
@@ -416,10 +496,16 @@ void add_model_commands(CLI::App& app) {
   ft->callback([fin] { guarded([&] { run_finetune(*fin); }); });
 
   auto ev = std::make_shared<EvalFlags>();
-  auto* e = app.add_subcommand("eval", "validation loss and perplexity of a base model, with or without an adapter");
+  auto* e = app.add_subcommand("eval", "validation loss and perplexity of a base model, with or without an adapter; "
+                                        "or of the base and several experts on several domains (a matrix)");
   e->add_option("--base-model", ev->base_model, "Hugging Face Qwen2 directory")->required();
   e->add_option("--adapter", ev->adapter, "PEFT adapter directory");
-  e->add_option("--data", ev->data, "data files")->required();
+  e->add_option("--data", ev->data, "data files");
+  e->add_option("--expert", ev->experts, "NAME=ADAPTER_DIR: an expert of the matrix (repeatable)");
+  e->add_option("--domain", ev->domains, "NAME=FILE[,FILE]: a domain's validation data, a column of the matrix (repeatable)");
+  e->add_option("--router-model", ev->router_model,
+                "learned router file: its confusion matrix on the domains and routed perplexity on their mix");
+  e->add_option("--max-examples", ev->max_examples, "matrix: examples per domain, the first ones (0 = all)");
   e->add_option("--seq-len", ev->seq_len, "tokens per sequence");
   e->add_option("--batch", ev->batch, "sequences per batch");
   e->add_option("--tokenizer", ev->tokenizer, "tokenizer.json (default: BASE/tokenizer.json)");

@@ -91,6 +91,9 @@ struct NodeFlags {
   std::vector<std::string> validation_data;
   size_t eval_examples = 64;
   std::string out_dir;
+  std::vector<std::string> prompts;
+  size_t router_texts = 400;
+  int64_t local_eval_batches = 1;
   VirtualSimConfig sim;
   bool workers_given = false;
   std::vector<std::string> expert_data;
@@ -172,6 +175,10 @@ int run_real_sim(const NodeFlags& f) {
   c.jitter_ms = f.jitter_ms;
   c.rules = f.rules;
   c.max_new_tokens = f.max_new_tokens;
+  c.max_experts = f.max_experts;
+  c.router_texts = f.router_texts;
+  c.local_eval_batches = f.local_eval_batches;
+  c.prompts = f.prompts;
   c.seed = f.seed ? f.seed : 1;
   c.policy = f.store.policy;
   c.policy.staleness_function = model::StalenessFunction::parse(f.staleness_function);
@@ -334,7 +341,9 @@ int run_router(const NodeFlags& f, const sigset_t& signals) {
   o.server = std::make_shared<model::ExpertServer>(base, tok);
   if (!f.router_data.empty()) {  // train the learned router now (and keep it when --router-model names a file)
     model::RouterTrainingReport report;
-    auto learned = model::HiddenStateRouter::train(base, tok, router_texts(f.router_data), {}, &report);
+    model::RouterTrainingConfig rc;
+    rc.max_texts = f.router_texts;
+    auto learned = model::HiddenStateRouter::train(base, tok, router_texts(f.router_data), rc, &report);
     std::cout << "fedmoe-node: router trained on " << report.train_examples << " texts of "
               << learned.experts().size() << " experts: train accuracy " << report.train_accuracy
               << ", validation accuracy " << report.validation_accuracy << " (" << report.validation_examples
@@ -628,6 +637,9 @@ int node_main(int argc, char** argv) {
   app.add_option("--router-model", nf.router_model,
                  "router: learned router file (written after training with --router-data, else read)")
       ->group(router_group);
+  app.add_option("--router-texts", nf.router_texts,
+                 "router, sim: the learned router trains on an even sample of this many texts per expert (0: all)")
+      ->group(router_group);
   app.add_option("--combine", nf.combine, "router: stitch (experts answer in turn) | consensus (replicas averaged)")
       ->check(CLI::IsMember({"stitch", "consensus"}))->group(router_group);
   app.add_option("--max-experts", nf.max_experts, "router: experts per prompt")->group(router_group);
@@ -660,7 +672,16 @@ int node_main(int argc, char** argv) {
                  "of --expert-data)")
       ->group(sim_group);
   app.add_option("--eval-examples", nf.eval_examples, "sim, real clock: validation examples per expert")->group(sim_group);
-  app.add_option("--out-dir", nf.out_dir, "sim, real clock: write each expert's final version here as a PEFT adapter")
+  app.add_option("--out-dir", nf.out_dir,
+                 "sim, real clock: write each expert's final version here as a PEFT adapter (OUT/EXPERT/), and the "
+                 "learned router (OUT/router.safetensors)")
+      ->group(sim_group);
+  app.add_option("--local-eval-batches", nf.local_eval_batches,
+                 "sim, real clock: validation batches of each round's local before/after loss (< 0: none; the "
+                 "validation curve is measured apart)")
+      ->group(sim_group);
+  app.add_option("--ask", nf.prompts,
+                 "sim, real clock: a prompt to ask the router at the end, up to --max-experts experts (repeatable)")
       ->group(sim_group);
   app.add_option("--model-config", nf.model_config, "sim, real clock: config.json of a fresh base (without --base-model)")
       ->group(sim_group);

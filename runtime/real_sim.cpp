@@ -119,6 +119,15 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
   if (c.shards == 0) throw std::runtime_error("--shards: at least 1");
   const auto probe = make_base(c);
   auto tok = model::load_tokenizer(c.tokenizer, c.base_model);
+  {
+    json cfg = {{"event", "config"},         {"policy", c.policy.name},     {"workers", c.workers},
+                {"local_steps", c.local_steps}, {"batch", c.batch},         {"seq_len", c.seq_len},
+                {"lr", c.lr},                 {"rank", c.rank},             {"targets", c.targets},
+                {"speed_min", c.speed_min},   {"speed_max", c.speed_max},   {"latency_ms", c.latency_ms},
+                {"jitter_ms", c.jitter_ms},   {"duration_s", c.duration_s}, {"rounds", c.rounds},
+                {"base_model", c.base_model.empty() ? "fresh " + c.model_config : c.base_model}};
+    metrics << cfg.dump() << std::endl;
+  }
 
   NodeSystem node;
   // Control plane and shards, joined as separate nodes would be.
@@ -191,19 +200,57 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
   };
   capture();  // version 0: the base's own loss
 
+  // The router: the configured rules, and a learned router trained on the experts' data (before the
+  // workers start, so that its training takes no cores from theirs).
+  actors::RouterOptions ro;
+  ro.node_id = "router";
+  ro.server = std::make_shared<model::ExpertServer>(make_base(c), tok);
+  ro.rules = std::make_shared<model::RuleRouter>(c.rules);
+  if (experts.size() >= 2) {
+    std::map<std::string, std::vector<std::string>> texts;
+    for (const auto& e : experts)
+      for (const auto& ex : e.train) texts[e.id].push_back(model::routing_text(ex));
+    model::RouterTrainingReport report;
+    model::RouterTrainingConfig router_config;
+    router_config.max_texts = c.router_texts;
+    ro.learned = std::make_shared<model::HiddenStateRouter>(
+        model::HiddenStateRouter::train(ro.server->base(), tok, texts, router_config, &report));
+    metrics << json{{"event", "router_trained"}, {"t", seconds()}, {"train_accuracy", report.train_accuracy},
+                    {"validation_accuracy", report.validation_accuracy}, {"examples", report.train_examples},
+                    {"seconds", report.seconds}}
+                   .dump()
+            << std::endl;
+    if (!c.out_dir.empty()) {
+      std::filesystem::create_directories(c.out_dir);
+      ro.learned->save((std::filesystem::path(c.out_dir) / "router.safetensors").string());
+    }
+  }
+  ro.max_new_tokens = c.max_new_tokens;
+  ro.max_experts = c.max_experts;
+  ro.membership.coordinator = coord;
+  ro.membership.heartbeat_ms = 500;
+  auto router = node.own(node.system().spawn<caf::detached>(actors::router, node.transport(), ro));
+
   // Workers: round-robin over the experts, each with its own part of the expert's data.
   auto stop = std::make_shared<std::atomic<bool>>(false);
-  const double workers_start = seconds();  // duration_s counts from here: set-up is not training time
+  // Each worker's data is tokenized and packed before any starts (on the big corpora that takes tens
+  // of seconds, which would otherwise count as the first workers' training time).
   std::map<std::string, uint64_t> per_expert;
   for (uint64_t w = 0; w < c.workers; ++w) ++per_expert[experts[w % experts.size()].id];
-  std::vector<std::pair<caf::actor, json>> workers;
+  std::vector<std::pair<actors::WorkerOptions, json>> prepared;
   for (uint64_t w = 0; w < c.workers; ++w) {
     const auto& e = experts[w % experts.size()];
     const uint64_t n = per_expert[e.id], part = w / experts.size();
     std::vector<model::Example> mine;
     for (size_t i = part; i < e.train.size(); i += n) mine.push_back(e.train[i]);
+    // Speeds spread evenly over [speed_min, speed_max] by a rank that snakes through the experts
+    // (part 0: experts in order, part 1: reversed, ...), so that every expert gets fast and slow
+    // workers instead of the last expert getting all the slowest.
+    const uint64_t ne = experts.size(), i = w % ne;
+    const bool full_part = (part + 1) * ne <= c.workers;  // a last, partial part keeps the order
+    const uint64_t rank = part * ne + (part % 2 == 1 && full_part ? ne - 1 - i : i);
     const double speed = c.workers == 1 ? c.speed_min
-                                        : c.speed_min + (c.speed_max - c.speed_min) * double(w) / double(c.workers - 1);
+                                        : c.speed_min + (c.speed_max - c.speed_min) * double(rank) / double(c.workers - 1);
     actors::WorkerOptions o;
     o.worker_id = "worker-" + std::to_string(w);
     o.expert_id = e.id;
@@ -213,6 +260,7 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
     lc.batch = c.batch;
     lc.lr = c.lr;
     lc.seed = c.seed + w;
+    lc.eval_batches = c.local_eval_batches;
     lc.cancel = stop;
     try {
       o.trainer = std::make_shared<model::LocalTrainer>(
@@ -230,32 +278,16 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
     o.seed = c.seed + w;
     o.membership.coordinator = coord;
     o.membership.heartbeat_ms = 500;
-    workers.emplace_back(node.own(node.system().spawn<caf::detached>(actors::worker, node.transport(), o)),
-                         json{{"worker", o.worker_id}, {"expert", e.id}, {"speed_factor", speed}, {"seen", 0}});
+    prepared.emplace_back(std::move(o),
+                          json{{"worker", "worker-" + std::to_string(w)}, {"expert", e.id}, {"speed_factor", speed},
+                               {"seen", 0}});
   }
+  const double workers_start = seconds();  // duration_s counts from here: set-up is not training time
+  metrics << json{{"event", "workers_start"}, {"t", workers_start}}.dump() << std::endl;
+  std::vector<std::pair<caf::actor, json>> workers;
+  for (auto& [o, info] : prepared)
+    workers.emplace_back(node.own(node.system().spawn<caf::detached>(actors::worker, node.transport(), o)), info);
 
-  // The router: the configured rules, and a learned router trained on the experts' data.
-  actors::RouterOptions ro;
-  ro.node_id = "router";
-  ro.server = std::make_shared<model::ExpertServer>(make_base(c), tok);
-  ro.rules = std::make_shared<model::RuleRouter>(c.rules);
-  if (experts.size() >= 2) {
-    std::map<std::string, std::vector<std::string>> texts;
-    for (const auto& e : experts)
-      for (const auto& ex : e.train) texts[e.id].push_back(model::routing_text(ex));
-    model::RouterTrainingReport report;
-    ro.learned = std::make_shared<model::HiddenStateRouter>(
-        model::HiddenStateRouter::train(ro.server->base(), tok, texts, {}, &report));
-    metrics << json{{"event", "router_trained"}, {"t", seconds()}, {"train_accuracy", report.train_accuracy},
-                    {"validation_accuracy", report.validation_accuracy}, {"examples", report.train_examples}}
-                   .dump()
-            << std::endl;
-  }
-  ro.max_new_tokens = c.max_new_tokens;
-  ro.max_experts = 1;
-  ro.membership.coordinator = coord;
-  ro.membership.heartbeat_ms = 500;
-  auto router = node.own(node.system().spawn<caf::detached>(actors::router, node.transport(), ro));
 
   // Metrics while the federation runs: one line per finished round, as the workers report them. A
   // worker answers between rounds only (training blocks it): one that does not answer within 100 ms
@@ -330,26 +362,38 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
   summary["staleness_histogram"] = hist;
   metrics << summary.dump() << std::endl;
 
-  // The router on a held-out prompt of each expert.
-  for (const auto& e : experts) {
+  // The router on a held-out prompt of each expert (one expert each), then on the configured prompts.
+  auto ask = [&](const std::string& prompt, uint32_t max_experts, const std::string& expected) {
     net::GenerateRequest req;
-    req.prompt = model::routing_text(e.held_out.front());
+    req.prompt = prompt;
     req.max_new_tokens = c.max_new_tokens;
+    req.max_experts = max_experts;
     std::string error;
     auto reply = ask_router(node, router, req, kTimeout, &error);
-    json line = {{"event", "ask"}, {"t", seconds()}, {"expected_expert", e.id}, {"prompt", req.prompt.substr(0, 200)}};
+    json line = {{"event", "ask"}, {"t", seconds()}, {"prompt", req.prompt.substr(0, 200)}};
+    if (!expected.empty()) line["expected_expert"] = expected;
     if (!reply || !reply->error.empty()) {
       line["error"] = reply ? reply->error : error;
     } else {
-      ++result.asked;
       line["expert"] = reply->experts.empty() ? "" : reply->experts[0].expert_id;
       line["version"] = reply->experts.empty() ? 0 : reply->experts[0].version;
       line["reason"] = reply->choices.empty() ? "" : reply->choices[0].reason;
+      json chosen = json::array();
+      for (size_t i = 0; i < reply->experts.size(); ++i)
+        chosen.push_back({{"expert", reply->experts[i].expert_id},
+                          {"version", reply->experts[i].version},
+                          {"reason", i < reply->choices.size() ? reply->choices[i].reason : ""}});
+      line["experts"] = chosen;
       line["text"] = reply->text;
-      if (line["expert"] == e.id) ++result.routed_right;
+      if (!expected.empty()) {
+        ++result.asked;
+        if (line["expert"] == expected) ++result.routed_right;
+      }
     }
     metrics << line.dump() << std::endl;
-  }
+  };
+  for (const auto& e : experts) ask(model::routing_text(e.held_out.front()), 1, e.id);
+  for (const auto& p : c.prompts) ask(p, c.max_experts, "");
   result.wall_seconds = seconds();
 
   // The validation curve, computed now that the workers are done (their cores are free again).

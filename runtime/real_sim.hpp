@@ -3,13 +3,15 @@
 // separate nodes do, with real LoRA training on a real (small) base. What is simulated is only the
 // fleet: each worker gets a disjoint part of its expert's data, a speed factor spread evenly over
 // [speed_min, speed_max] (the fastest runs at this machine's speed, a worker with factor F waits so
-// that its rounds take F / speed_min as long), and a message latency with jitter.
+// that its rounds take F / speed_min as long; each expert gets fast and slow ones), and a message
+// latency with jitter.
 //
 // Output: metrics JSON lines — one per finished worker round ("event": "round": expert, versions,
 // staleness, verdict, losses, compute and delay seconds), then "event": "summary" (per expert:
 // version, accepted and rejected by reason; the staleness histogram; wall seconds), then one
 // "event": "ask" per expert: the router's choice for a held-out prompt of that expert's data, then
-// the "event": "eval" lines (t, expert, version, val_loss, val_ppl).
+// one per configured prompt (up to max_experts experts each), then the "event": "eval" lines (t,
+// expert, version, val_loss, val_ppl).
 #pragma once
 
 #include <cstdint>
@@ -35,10 +37,12 @@ struct RealSimConfig {
   double alpha = 16;
   std::vector<std::string> targets{"q_proj", "v_proj"};
   int64_t local_steps = 4, batch = 4, seq_len = 64;
+  int64_t local_eval_batches = 1;        // a round's local before/after loss (batches; < 0: off, NaN)
   double lr = 5e-3;
   double speed_min = 0.5, speed_max = 2.0;
   uint64_t latency_ms = 0, jitter_ms = 0;
   std::vector<std::string> rules;        // router rules (a learned router is trained on the expert data too)
+  size_t router_texts = 400;             // the learned router's training texts per expert (an even sample)
   uint32_t max_new_tokens = 16;
   uint64_t seed = 1;
   model::PolicyConfig policy;
@@ -49,7 +53,10 @@ struct RealSimConfig {
   double eval_every_s = 0;               // 0: only the start and the end
   std::vector<std::string> validation_data;
   size_t eval_examples = 64;
-  std::string out_dir;                   // when set: OUT/<expert>/ the final version as a PEFT adapter
+  std::string out_dir;                   // when set: OUT/<expert>/ the final version as a PEFT adapter, and
+                                         //   OUT/router.safetensors the learned router
+  std::vector<std::string> prompts;      // asked of the router after the held-out ones ("event": "ask")
+  uint32_t max_experts = 2;              // experts per prompt for `prompts` (held-out ones get 1)
 };
 
 struct RealSimResult {

@@ -2,8 +2,10 @@
 // expert on chat data, evaluate with and without it, generate, inspect; and the errors users meet.
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <regex>
 
 #include <nlohmann/json.hpp>
@@ -106,6 +108,43 @@ TEST_CASE("fedmoe pretrain -> finetune -> eval -> generate -> inspect", "[cli]")
   double base_loss = eval(false), adapted_loss = eval(true);
   CHECK(adapted_loss < base_loss * 0.9);  // the expert learned its (chat SQL) domain
 
+  // The matrix: a second expert on the prose/code text, both experts and the base on both domains,
+  // each example scored on its own.
+  const auto prose = (workdir() / "prose-adapter").string();
+  auto [sp, op] = run({kFedmoe, "finetune", "--base-model", base_dir(), "--data", (workdir() / "corpus.txt").string(),
+                       "--out", prose, "--rank", "4", "--alpha", "8", "--steps", "15", "--seq-len", "64", "--batch", "2",
+                       "--lr", "1e-2", "--val-fraction", "0.1"},
+                      300s);
+  INFO(op);
+  REQUIRE(sp == 0);
+  {
+    auto [s, o] = run({kFedmoe, "eval", "--base-model", base_dir(), "--expert", "sql=" + adapter_dir(), "--expert",
+                       "prose=" + prose, "--domain", "sql=" + (workdir() / "chat.jsonl").string(), "--domain",
+                       "prose=" + (workdir() / "corpus.txt").string(), "--seq-len", "64", "--max-examples", "20"},
+                      300s);
+    INFO(o);
+    REQUIRE(s == 0);
+    auto m = last_json_line(o);
+    CHECK(m["models"] == nlohmann::json{"base", "sql", "prose"});
+    CHECK(m["domains"] == nlohmann::json{"sql", "prose"});
+    CHECK(m["matrix"]["sql"]["sql"]["examples"] == 20);
+    CHECK(m["matrix"]["sql"]["sql"]["loss"].get<double>() < m["matrix"]["base"]["sql"]["loss"].get<double>());
+    CHECK(m["matrix"]["prose"]["prose"]["loss"].get<double>() < m["matrix"]["base"]["prose"]["loss"].get<double>());
+    CHECK(m["matrix"]["sql"]["sql"]["loss"].get<double>() < m["matrix"]["prose"]["sql"]["loss"].get<double>());
+    CHECK_FALSE(m.contains("router"));
+    CHECK_THAT(o, Catch::Contains("perplexity\tsql\tprose\tmixed"));  // the readable table on stderr
+  }
+  {  // the matrix needs named domains; a malformed expert is named
+    auto [s, o] = run({kFedmoe, "eval", "--base-model", base_dir(), "--expert", "sql=" + adapter_dir()}, 60s);
+    CHECK(s == 1);
+    CHECK_THAT(o, Catch::Contains("evaluate on --domain NAME=FILE"));
+    auto [s2, o2] = run({kFedmoe, "eval", "--base-model", base_dir(), "--expert", adapter_dir(), "--domain",
+                         "sql=" + (workdir() / "chat.jsonl").string()},
+                        60s);
+    CHECK(s2 == 1);
+    CHECK_THAT(o2, Catch::Contains("expected NAME=ADAPTER_DIR"));
+  }
+
   std::vector<std::string> gen{kFedmoe, "generate", "--base-model", base_dir(), "--adapter", adapter_dir(), "--prompt",
                                "select rows from table t3", "--chat", "--max-new-tokens", "12"};
   auto [g1, out1] = run(gen, 120s);
@@ -203,4 +242,97 @@ TEST_CASE("fedmoe corpus builds a domain from a source tree and prints its sizes
   CHECK(s2 == 1);
   CHECK_THAT(o2, Catch::Contains("fedmoe corpus: sql source '/nonexistent/extension' is not a directory") &&
                      Catch::Contains("postgresql-15"));
+}
+
+TEST_CASE("fedmoe report: tables, PNG plots and the quality goals of a run's measurements", "[cli][report]") {
+  const auto dir = workdir() / "run-report";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  // Two federations of two experts. python: async reaches the FedAvg final loss (4.0) 10 s after
+  // its workers started, FedAvg at 40 s; sql: async never gets to 4.5.
+  write(dir / "async.jsonl",
+        R"({"event":"config","policy":"fedasync","workers":4,"local_steps":4,"batch":4,"seq_len":128,"speed_min":0.5,"speed_max":2.0,"latency_ms":50,"jitter_ms":20})" "\n"
+        R"({"event":"eval","t":1.0,"expert":"python","version":0,"val_loss":5.0})" "\n"
+        R"({"event":"eval","t":1.0,"expert":"sql","version":0,"val_loss":5.0})" "\n"
+        R"({"event":"workers_start","t":2.0})" "\n"
+        R"({"event":"round","t":5.0,"expert":"python","staleness":0,"verdict":"accepted"})" "\n"
+        R"({"event":"round","t":6.0,"expert":"python","staleness":1,"verdict":"accepted"})" "\n"
+        R"({"event":"round","t":7.0,"expert":"sql","staleness":3,"verdict":"rejected"})" "\n"
+        "fedmoe-node: a plain text line among the metrics is skipped\n"
+        R"({"event":"eval","t":12.0,"expert":"python","version":3,"val_loss":4.0})" "\n"
+        R"({"event":"eval","t":22.0,"expert":"python","version":6,"val_loss":3.5})" "\n"
+        R"({"event":"eval","t":22.0,"expert":"sql","version":2,"val_loss":4.8})" "\n"
+        R"({"event":"summary","t":30.0,"experts":{"python":{"version":6},"sql":{"version":2}}})" "\n"
+        R"({"event":"ask","t":31.0,"prompt":"import sqlite3","experts":[{"expert":"python","version":6,"reason":"learned p=0.55"},{"expert":"sql","version":2,"reason":"learned p=0.41"}],"text":"conn ="})" "\n");
+  write(dir / "sync.jsonl",
+        R"({"event":"config","policy":"fedavg","workers":4,"local_steps":4,"batch":4,"seq_len":128})" "\n"
+        R"({"event":"workers_start","t":0.0})" "\n"
+        R"({"event":"round","t":5.0,"expert":"python","staleness":0,"verdict":"accepted"})" "\n"
+        R"({"event":"eval","t":0.0,"expert":"python","version":0,"val_loss":5.0})" "\n"
+        R"({"event":"eval","t":20.0,"expert":"python","version":1,"val_loss":4.2})" "\n"
+        R"({"event":"eval","t":40.0,"expert":"python","version":2,"val_loss":4.0})" "\n"
+        R"({"event":"eval","t":0.0,"expert":"sql","version":0,"val_loss":5.0})" "\n"
+        R"({"event":"eval","t":40.0,"expert":"sql","version":2,"val_loss":4.5})" "\n"
+        R"({"event":"summary","t":45.0,"experts":{"python":{"version":2},"sql":{"version":2}}})" "\n");
+  auto ppl = [](double v) { return nlohmann::json{{"perplexity", v}, {"loss", std::log(v)}, {"tokens", 100}, {"examples", 10}}; };
+  nlohmann::json eval = {{"command", "eval"},
+                         {"models", {"base", "python", "sql", "central-python"}},
+                         {"domains", {"python", "sql"}},
+                         {"matrix",
+                          {{"base", {{"python", ppl(100)}, {"sql", ppl(100)}}},
+                           {"python", {{"python", ppl(80)}, {"sql", ppl(120)}}},
+                           {"sql", {{"python", ppl(110)}, {"sql", ppl(90)}}},
+                           {"central-python", {{"python", ppl(78)}, {"sql", ppl(130)}}}}},
+                         {"mixed", {{"base", ppl(100)}, {"python", ppl(95)}, {"sql", ppl(99)}, {"central-python", ppl(97)}}},
+                         {"router",
+                          {{"experts", {"python", "sql"}},
+                           {"accuracy", 0.975},
+                           {"examples", 40},
+                           {"correct", 39},
+                           {"confusion", {{"python", {{"python", 19}, {"sql", 1}}}, {"sql", {{"sql", 20}}}}},
+                           {"routed", ppl(84)}}}};
+  write(dir / "eval.json", eval.dump() + "\n");
+  write(dir / "central.jsonl", R"({"command":"finetune","steps":24,"out":")" + (dir / "central" / "python").string() + "\"}\n");
+
+  auto [s, o] = run({kFedmoe, "report", "--run", dir.string()}, 120s);
+  INFO(o);
+  REQUIRE(s == 0);
+  CHECK(last_json_line(o)["goals_missed"] == 3);
+  std::ifstream in(dir / "goals.json");
+  auto goals = nlohmann::json::parse(in);
+  std::map<std::string, bool> met;
+  for (auto& g : goals) met[g["goal"].get<std::string>()] = g["met"].get<bool>();
+  CHECK(goals.size() == 10);
+  CHECK(met["expert python: perplexity on its domain vs the base's"]);        // 0.80
+  CHECK_FALSE(met["expert sql: perplexity on its domain vs the base's"]);     // 0.90 > 0.85
+  CHECK(met["domain python: its own expert is the best of the experts"]);
+  CHECK(met["domain sql: its own expert is the best of the experts"]);
+  CHECK(met["learned router top-1 accuracy on held-out prompts"]);            // 97.5%
+  CHECK(met["routed mixed-set perplexity below every single expert's"]);      // 84 < 95
+  CHECK(met["expert python: time of async to the FedAvg final loss / FedAvg's time"]);  // 10 s / 40 s
+  CHECK_FALSE(met["expert sql: time of async to the FedAvg final loss / FedAvg's time"]);
+  CHECK(met["expert python: federated perplexity / central perplexity"]);     // 80 / 78 = 1.026
+  CHECK_FALSE(met["expert sql: federated perplexity / central perplexity"]);  // no central baseline
+  std::ifstream rin(dir / "report.md");
+  const std::string report((std::istreambuf_iterator<char>(rin)), std::istreambuf_iterator<char>());
+  CHECK_THAT(report, Catch::Contains("| python | 4.000 | 40.0 | 10.0 | 0.250 |"));
+  CHECK_THAT(report, Catch::Contains("never reached (async final 4.800 vs 4.500)"));
+  CHECK_THAT(report, Catch::Contains("| python | 24 | 80.00 | 78.00 | 1.026 |"));
+  CHECK_THAT(report, Catch::Contains("python@v6 (learned p=0.55), sql@v2 (learned p=0.41)"));
+  CHECK_THAT(report, Catch::Contains("7 of 10 goals met"));
+  CHECK_THAT(report, Catch::Contains("not measured (no central baseline"));
+  for (auto png : {"val_loss.png", "staleness.png", "perplexity_matrix.png", "router_confusion.png"}) {
+    INFO(png);
+    std::ifstream f(dir / "plots" / png, std::ios::binary);
+    std::string magic(8, '\0');
+    f.read(magic.data(), 8);
+    CHECK(magic == "\x89PNG\r\n\x1a\n");
+    CHECK_THAT(report, Catch::Contains(std::string("(plots/") + png + ")"));
+  }
+
+  // A corrupt metrics line is named with its file and line.
+  write(dir / "sync.jsonl", "{\"event\":\"config\"}\n{\"event\": \n");
+  auto [s2, o2] = run({kFedmoe, "report", "--run", dir.string(), "--no-plots"}, 60s);
+  CHECK(s2 == 1);
+  CHECK_THAT(o2, Catch::Contains("sync.jsonl:2: not JSON"));
 }

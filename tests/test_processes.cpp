@@ -549,3 +549,53 @@ TEST_CASE("the real-clock simulation refuses validation data of an expert it doe
   CHECK_THAT(out, Catch::Contains("--validation-data: expert 'python' has no --expert-data"));
   CHECK_THAT(out, !Catch::Contains("\"event\": \"round\"") && !Catch::Contains("\"event\":\"round\""));
 }
+
+TEST_CASE("scripts/demo-processes runs the demo's federation as separate processes (tiny base and corpus)",
+          "[process][federation][demo]") {
+  std::vector<std::string> rows;
+  for (int i = 0; i < 40; ++i)
+    rows.push_back("SELECT id, name FROM t" + std::to_string(i % 5) + " WHERE id = " + std::to_string(i) + ";");
+  auto dir = federation_workspace("fedmoe_demo_proc_XXXXXX", rows, "2");
+  // The corpus layout `fedmoe corpus` writes: per expert two private worker parts and the training set.
+  auto text = [](const std::string& expert, int i) {
+    return expert == "sql" ? "SELECT id, total FROM orders" + std::to_string(i % 7) + " WHERE total > " +
+                                 std::to_string(i) + " ORDER BY total;"
+                           : "def f" + std::to_string(i) + "(items):\n    return [x for x in items if x > " +
+                                 std::to_string(i) + "]\n";
+  };
+  for (const std::string e : {"sql", "python"}) {
+    fs::create_directories(dir / "corpus" / e);
+    std::ofstream train(dir / "corpus" / e / "train.jsonl");
+    for (int k = 0; k < 2; ++k) {
+      std::ofstream part(dir / "corpus" / e / ("worker-" + std::to_string(k) + ".jsonl"));
+      for (int i = k; i < 60; i += 2) {
+        const auto line = nlohmann::json{{"text", text(e, i)}}.dump() + "\n";
+        part << line;
+        train << line;
+      }
+    }
+  }
+  auto [st, out] = run({"/usr/bin/env", "FEDMOE_BUILD_DIR=" + fs::path(kNode).parent_path().string(),
+                        "FEDMOE_BASE=" + (dir / "base").string(), "FEDMOE_CORPUS=" + (dir / "corpus").string(),
+                        "FEDMOE_EXPERTS=sql python", "FEDMOE_ROUNDS=1", "FEDMOE_SEQ_LEN=32",
+                        "FEDMOE_LOG_DIR=" + (dir / "logs").string(), "bash",
+                        std::string(FEDMOE_SOURCE_DIR) + "/scripts/demo-processes"},
+                       600s);
+  INFO(out);
+  REQUIRE(st == 0);
+  CHECK_THAT(out, Catch::Contains("demo-processes: done"));
+  for (int w = 0; w < 4; ++w) CHECK_THAT(out, Catch::Contains("worker-" + std::to_string(w) + ": \"accepted\":1"));
+  CHECK_THAT(out, Catch::Contains("worker-3: python, part 1, speed factor 4.00"));
+  // The prompt that needs two experts goes to both (the rules catch its Python and its SQL).
+  const auto mixed = out.substr(out.find("-- ask: import sqlite3"));
+  CHECK_THAT(mixed.substr(0, mixed.find("== versions")),
+             Catch::Contains("expert python v2") && Catch::Contains("expert sql v2"));
+  for (const std::string e : {"sql", "python"}) {
+    INFO(e);
+    std::smatch m;
+    const auto versions = out.substr(out.find("== versions"));
+    REQUIRE(std::regex_search(versions, m, std::regex("\"" + e + "\":\\{\"shard-[0-9]\":([0-9]+)")));
+    CHECK(std::stoi(m[1]) == 2);  // FedAsync: both workers' updates applied
+  }
+  fs::remove_all(dir);
+}
