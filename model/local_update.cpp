@@ -62,8 +62,22 @@ LocalRound LocalTrainer::train(const LoraSpec& spec, const std::map<std::string,
   r.val_loss_before = validation_loss();
   auto& model = experts_.model();
   model->train();
-  auto params = experts_.parameters("local");
+  auto named = experts_.named_parameters("local");
+  std::vector<torch::Tensor> params;
+  for (auto& [name, p] : named) params.push_back(p);
   torch::optim::AdamW opt(params, torch::optim::AdamWOptions(config_.lr).weight_decay(0.0));
+  // AdamW keys its per-parameter state by the tensor's implementation (as its step() looks it up).
+  auto key = [](const torch::Tensor& p) { return c10::guts::to_string(p.unsafeGetTensorImpl()); };
+  if (config_.keep_optimizer_state)
+    for (auto& [name, p] : named) {
+      auto it = moments_.find(name);
+      if (it == moments_.end() || !it->second.exp_avg.sizes().equals(p.sizes())) continue;
+      auto st = std::make_unique<torch::optim::AdamWParamState>();
+      st->step(it->second.step);
+      st->exp_avg(it->second.exp_avg.clone());
+      st->exp_avg_sq(it->second.exp_avg_sq.clone());
+      opt.state()[key(p)] = std::move(st);
+    }
   double loss_sum = 0;
   for (int64_t step = 0; step < config_.steps; ++step) {
     if (config_.cancel && config_.cancel->load()) throw TrainingCancelled("local training cancelled");
@@ -84,6 +98,13 @@ LocalRound LocalTrainer::train(const LoraSpec& spec, const std::map<std::string,
     loss_sum += loss.item<double>();
     r.samples += idx.size();
   }
+  if (config_.keep_optimizer_state)
+    for (auto& [name, p] : named) {
+      auto it = opt.state().find(key(p));
+      if (it == opt.state().end()) continue;
+      auto& st = static_cast<torch::optim::AdamWParamState&>(*it->second);
+      moments_[name] = {st.step(), st.exp_avg().detach().clone(), st.exp_avg_sq().detach().clone()};
+    }
   r.steps = config_.steps;
   r.train_loss = loss_sum / double(config_.steps);
   r.val_loss_after = validation_loss();

@@ -25,6 +25,11 @@ struct LocalTrainingConfig {
   double max_grad_norm = 1.0;
   int64_t eval_batches = 4;   // validation batches per evaluation (0 = the whole split, < 0 = none: NaN)
   uint64_t seed = 0;          // data order
+  // Carry AdamW's moments (and step count) from one round to the next, by parameter name: the
+  // adapter values are each round's new version, the gradient statistics stay this worker's. Without
+  // it every round starts a fresh AdamW, whose first steps move every parameter by about lr
+  // (sign-like) — noisy when rounds are a few steps long.
+  bool keep_optimizer_state = false;
   // Checked before every step: when it turns true, train() throws TrainingCancelled (a federation
   // that is being stopped does not wait for whole rounds).
   std::shared_ptr<const std::atomic<bool>> cancel;
@@ -65,6 +70,12 @@ class LocalTrainer {
  private:
   void load(const LoraSpec& spec, const std::map<std::string, torch::Tensor>& adapter);
   double validation_loss();
+
+  struct Moments {
+    int64_t step = 0;
+    torch::Tensor exp_avg, exp_avg_sq;
+  };
+  std::map<std::string, Moments> moments_;  // keep_optimizer_state: by PEFT parameter name
 
   LoraExperts experts_;
   DataSplit data_;

@@ -94,6 +94,7 @@ struct NodeFlags {
   std::vector<std::string> prompts;
   size_t router_texts = 400;
   int64_t local_eval_batches = 1;
+  bool keep_optimizer_state = false;
   VirtualSimConfig sim;
   bool workers_given = false;
   std::vector<std::string> expert_data;
@@ -167,6 +168,7 @@ int run_real_sim(const NodeFlags& f) {
   c.batch = f.batch;
   c.seq_len = f.seq_len;
   c.lr = f.lr;
+  c.keep_optimizer_state = f.keep_optimizer_state;
   c.speed_min = f.sim.speed_min;
   c.speed_max = f.sim.speed_max;
   if (c.speed_min <= 0 || c.speed_max < c.speed_min)
@@ -252,6 +254,7 @@ int run_worker(const NodeFlags& f, const sigset_t& signals) {
   lc.batch = f.batch;
   lc.lr = f.lr;
   lc.seed = f.seed;
+  lc.keep_optimizer_state = f.keep_optimizer_state;
   o.worker_id = id;
   o.expert_id = expert;
   o.trainer = std::make_shared<model::LocalTrainer>(base, std::move(data), lc);
@@ -613,6 +616,9 @@ int node_main(int argc, char** argv) {
   app.add_option("--tokenizer", nf.tokenizer, "worker, router: tokenizer.json (default: the base model's)")->group(worker_group);
   app.add_option("--device", nf.device, "worker: cpu")->group(worker_group);
   app.add_option("--speed-factor", nf.speed_factor, "worker: behave like a device this many times slower")
+      ->group(worker_group);
+  app.add_flag("--keep-optimizer-state", nf.keep_optimizer_state,
+               "worker, sim: carry AdamW's moments from round to round (default: a fresh AdamW each round)")
       ->group(worker_group);
   app.add_flag("--sync-rounds", nf.sync_rounds,
                "worker: start each round from a newer version than the last (synchronous FedAvg rounds)")

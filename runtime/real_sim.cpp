@@ -125,6 +125,7 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
                 {"lr", c.lr},                 {"rank", c.rank},             {"targets", c.targets},
                 {"speed_min", c.speed_min},   {"speed_max", c.speed_max},   {"latency_ms", c.latency_ms},
                 {"jitter_ms", c.jitter_ms},   {"duration_s", c.duration_s}, {"rounds", c.rounds},
+                {"keep_optimizer_state", c.keep_optimizer_state},
                 {"base_model", c.base_model.empty() ? "fresh " + c.model_config : c.base_model}};
     metrics << cfg.dump() << std::endl;
   }
@@ -261,6 +262,7 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
     lc.lr = c.lr;
     lc.seed = c.seed + w;
     lc.eval_batches = c.local_eval_batches;
+    lc.keep_optimizer_state = c.keep_optimizer_state;
     lc.cancel = stop;
     try {
       o.trainer = std::make_shared<model::LocalTrainer>(

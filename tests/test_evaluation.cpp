@@ -8,7 +8,9 @@
 
 #include "model/dataset.hpp"
 #include "model/evaluation.hpp"
+#include "model/local_update.hpp"
 #include "model/lm_loss.hpp"
+#include "model/lora_expert.hpp"
 #include "model/qwen2_config.hpp"
 #include "model/routing.hpp"
 #include "model/trainer.hpp"
@@ -152,4 +154,47 @@ TEST_CASE("evaluate_experts: matrix, mixed set and routed set from the same per-
                     Contains("'python'") && Contains("no adapter"));
   CHECK_THROWS_WITH(model::evaluate_experts(experts, {"sql", "python"}, domains, tok, nullptr, config),
                     Contains("'python' is not loaded"));
+}
+
+TEST_CASE("LocalTrainer: rounds that keep AdamW's moments equal one round of all their steps", "[evaluation][local]") {
+  auto cfg = model::load_qwen2_config(FEDMOE_SOURCE_DIR "/examples/models/fedmoe-tiny.json");
+  auto tok = model::Tokenizer::from_file(kTokenizer);
+  auto examples = sql_examples(24, 0);
+  model::LoraSpec spec;
+  spec.rank = 4;
+  spec.alpha = 8;
+  std::map<std::string, torch::Tensor> initial;
+  for (auto& t : model::make_lora_tensors(cfg, spec, model::LoraInit::random, 3)) initial[t.name] = t.tensor;
+  auto trainer = [&](int64_t steps, bool keep) {
+    model::LocalTrainingConfig c;
+    c.steps = steps;
+    c.batch = 2;
+    c.lr = 1e-2;
+    c.eval_batches = -1;  // no local evaluation: NaN
+    c.keep_optimizer_state = keep;
+    c.seed = 4;
+    // Each trainer its own copy of the same base (adapters attach to the module).
+    return model::LocalTrainer(fedmoe::test::make_model(cfg, 9), model::prepare(examples, tok, 24, 0.0, 1), c);
+  };
+  auto add = [](std::map<std::string, torch::Tensor> a, const std::map<std::string, torch::Tensor>& d) {
+    for (auto& [k, v] : a) v = v + d.at(k);
+    return a;
+  };
+  auto two_rounds = [&](bool keep) {
+    auto t = trainer(3, keep);
+    auto r1 = t.train(spec, initial);
+    CHECK(std::isnan(r1.val_loss_before));
+    auto after1 = add(initial, r1.delta);
+    return add(after1, t.train(spec, after1).delta);
+  };
+  auto one = trainer(6, false);
+  const auto longer = add(initial, one.train(spec, initial).delta);
+  const auto kept = two_rounds(true), fresh = two_rounds(false);
+  double kept_diff = 0, fresh_diff = 0;
+  for (auto& [k, v] : longer) {
+    kept_diff = std::max(kept_diff, (kept.at(k) - v).abs().max().item<double>());
+    fresh_diff = std::max(fresh_diff, (fresh.at(k) - v).abs().max().item<double>());
+  }
+  CHECK(kept_diff < 1e-5);   // the same optimizer trajectory, split in two rounds
+  CHECK(fresh_diff > 1e-4);  // a fresh AdamW per round takes another one
 }
