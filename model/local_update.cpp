@@ -1,5 +1,6 @@
 #include "model/local_update.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <limits>
@@ -25,6 +26,25 @@ void LocalTrainer::load(const LoraSpec& spec, const std::map<std::string, torch:
   if (experts_.contains("local")) experts_.detach("local");
   experts_.import_adapter("local", spec, adapter);
   experts_.activate("local");
+}
+
+ComputeSlots::ComputeSlots(size_t slots) : slots_(std::max<size_t>(slots, 1)), free_(slots_) {}
+
+void ComputeSlots::acquire() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  const uint64_t ticket = next_ticket_++;
+  changed_.wait(lock, [&] { return ticket == serving_ && free_ > 0; });
+  ++serving_;
+  --free_;
+  changed_.notify_all();  // the next ticket may take another free slot
+}
+
+void ComputeSlots::release() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++free_;
+  }
+  changed_.notify_all();
 }
 
 double evaluate_loss(Qwen2ForCausalLM& model, const std::vector<PackedSequence>& sequences, int64_t batch,
@@ -78,7 +98,7 @@ LocalRound LocalTrainer::train(const LoraSpec& spec, const std::map<std::string,
       st->exp_avg_sq(it->second.exp_avg_sq.clone());
       opt.state()[key(p)] = std::move(st);
     }
-  double loss_sum = 0;
+  double loss_sum = 0, held_seconds = 0;
   for (int64_t step = 0; step < config_.steps; ++step) {
     if (config_.cancel && config_.cancel->load()) throw TrainingCancelled("local training cancelled");
     std::vector<size_t> idx;
@@ -90,6 +110,19 @@ LocalRound LocalTrainer::train(const LoraSpec& spec, const std::map<std::string,
       idx.push_back(order_[cursor_++]);
     }
     auto [ids, labels] = make_batch(data_.train, idx);
+    struct Slot {  // held for the step, released on any exit
+      ComputeSlots* slots;
+      std::chrono::steady_clock::time_point since;
+      double* held;
+      explicit Slot(ComputeSlots* s, double* h) : slots(s), held(h) {
+        if (slots) slots->acquire();
+        since = std::chrono::steady_clock::now();
+      }
+      ~Slot() {
+        *held += std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+        if (slots) slots->release();
+      }
+    } slot(config_.compute_slots.get(), &held_seconds);
     opt.zero_grad();
     auto loss = causal_lm_loss(model, ids, labels);
     loss.backward();
@@ -110,7 +143,9 @@ LocalRound LocalTrainer::train(const LoraSpec& spec, const std::map<std::string,
   r.val_loss_after = validation_loss();
   for (auto& [name, t] : experts_.adapter_state_dict("local"))
     r.delta.emplace(name, t - adapter.at(name).to(torch::kFloat32));
-  r.compute_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.compute_seconds = config_.compute_slots
+                          ? held_seconds
+                          : std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;
 }
 

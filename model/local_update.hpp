@@ -5,8 +5,10 @@
 #pragma once
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <map>
 #include <string>
@@ -17,6 +19,25 @@
 #include "model/lora.hpp"
 
 namespace fedmoe::model {
+
+// Trainers that emulate separate devices on fewer cores share one of these: at most `slots` of them
+// compute at a time, granted in arrival order (a ticket queue), so that a worker that never waits
+// cannot take the cores from the others. A round's compute_seconds then counts only the time it held
+// a slot — what the step costs on a core of its own — and a speed-factor delay scales that.
+class ComputeSlots {
+ public:
+  explicit ComputeSlots(size_t slots);
+  void acquire();
+  void release();
+  size_t slots() const { return slots_; }
+
+ private:
+  const size_t slots_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  size_t free_;
+  uint64_t next_ticket_ = 0, serving_ = 0;
+};
 
 struct LocalTrainingConfig {
   int64_t steps = 8;          // optimizer steps per round (K)
@@ -30,6 +51,8 @@ struct LocalTrainingConfig {
   // it every round starts a fresh AdamW, whose first steps move every parameter by about lr
   // (sign-like) — noisy when rounds are a few steps long.
   bool keep_optimizer_state = false;
+  // When set, each optimizer step (forward, backward, update) holds one of these slots.
+  std::shared_ptr<ComputeSlots> compute_slots;
   // Checked before every step: when it turns true, train() throws TrainingCancelled (a federation
   // that is being stopped does not wait for whole rounds).
   std::shared_ptr<const std::atomic<bool>> cancel;
@@ -46,7 +69,7 @@ struct LocalRound {
   double val_loss_after = 0;    //   (NaN without validation data)
   uint64_t samples = 0;         // sequences trained on
   int64_t steps = 0;
-  double compute_seconds = 0;
+  double compute_seconds = 0;   // wall time of the round, or with compute_slots the time it held a slot
 };
 
 // Mean next-token loss of `model` (evaluation mode, no gradients) over `sequences`, `batch` at a time:

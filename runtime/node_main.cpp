@@ -95,6 +95,7 @@ struct NodeFlags {
   size_t router_texts = 400;
   int64_t local_eval_batches = 1;
   bool keep_optimizer_state = false;
+  size_t compute_slots = 0;
   VirtualSimConfig sim;
   bool workers_given = false;
   std::vector<std::string> expert_data;
@@ -169,6 +170,7 @@ int run_real_sim(const NodeFlags& f) {
   c.seq_len = f.seq_len;
   c.lr = f.lr;
   c.keep_optimizer_state = f.keep_optimizer_state;
+  c.compute_slots = f.compute_slots;
   c.speed_min = f.sim.speed_min;
   c.speed_max = f.sim.speed_max;
   if (c.speed_min <= 0 || c.speed_max < c.speed_min)
@@ -681,6 +683,10 @@ int node_main(int argc, char** argv) {
   app.add_option("--out-dir", nf.out_dir,
                  "sim, real clock: write each expert's final version here as a PEFT adapter (OUT/EXPERT/), and the "
                  "learned router (OUT/router.safetensors)")
+      ->group(sim_group);
+  app.add_option("--compute-slots", nf.compute_slots,
+                 "sim, real clock: at most this many workers compute at once, in turn (e.g. the number of cores; "
+                 "speed factors then scale a step's cost on a core of its own; 0: off)")
       ->group(sim_group);
   app.add_option("--local-eval-batches", nf.local_eval_batches,
                  "sim, real clock: validation batches of each round's local before/after loss (< 0: none; the "

@@ -125,7 +125,7 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
                 {"lr", c.lr},                 {"rank", c.rank},             {"targets", c.targets},
                 {"speed_min", c.speed_min},   {"speed_max", c.speed_max},   {"latency_ms", c.latency_ms},
                 {"jitter_ms", c.jitter_ms},   {"duration_s", c.duration_s}, {"rounds", c.rounds},
-                {"keep_optimizer_state", c.keep_optimizer_state},
+                {"keep_optimizer_state", c.keep_optimizer_state}, {"compute_slots", c.compute_slots},
                 {"base_model", c.base_model.empty() ? "fresh " + c.model_config : c.base_model}};
     metrics << cfg.dump() << std::endl;
   }
@@ -238,6 +238,10 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
   // of seconds, which would otherwise count as the first workers' training time).
   std::map<std::string, uint64_t> per_expert;
   for (uint64_t w = 0; w < c.workers; ++w) ++per_expert[experts[w % experts.size()].id];
+  // More workers than cores: with compute slots they take turns at full speed, and speed factors
+  // scale what a step costs on a core of its own (without, a worker that never waits takes the
+  // cores from the others, whatever the factors say).
+  auto slots = c.compute_slots > 0 ? std::make_shared<model::ComputeSlots>(c.compute_slots) : nullptr;
   std::vector<std::pair<actors::WorkerOptions, json>> prepared;
   for (uint64_t w = 0; w < c.workers; ++w) {
     const auto& e = experts[w % experts.size()];
@@ -263,6 +267,7 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
     lc.seed = c.seed + w;
     lc.eval_batches = c.local_eval_batches;
     lc.keep_optimizer_state = c.keep_optimizer_state;
+    lc.compute_slots = slots;
     lc.cancel = stop;
     try {
       o.trainer = std::make_shared<model::LocalTrainer>(

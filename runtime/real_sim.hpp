@@ -39,6 +39,7 @@ struct RealSimConfig {
   int64_t local_steps = 4, batch = 4, seq_len = 64;
   int64_t local_eval_batches = 1;        // a round's local before/after loss (batches; < 0: off, NaN)
   bool keep_optimizer_state = false;     // workers carry AdamW's moments between rounds
+  size_t compute_slots = 0;              // > 0: at most this many workers compute at once (model::ComputeSlots)
   double lr = 5e-3;
   double speed_min = 0.5, speed_max = 2.0;
   uint64_t latency_ms = 0, jitter_ms = 0;

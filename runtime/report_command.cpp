@@ -458,7 +458,9 @@ int write_run_report(const std::string& run_dir, bool plots) {
       for (const auto& e : a.value("experts", json::array()))
         chosen += (chosen.empty() ? "" : ", ") + e.value("expert", "") + "@v" + std::to_string(e.value("version", 0)) +
                   " (" + e.value("reason", "") + ")";
-      md << "- prompt: `" << a.value("prompt", "").substr(0, 120) << "`"
+      auto prompt = a.value("prompt", "").substr(0, 120);
+      for (auto& ch : prompt) ch = ch == '\n' ? ' ' : ch == '`' ? '\'' : ch;  // one line of inline code
+      md << "- prompt: `" << prompt << "`"
          << (a.contains("expected_expert") ? " (held out from " + a.value("expected_expert", "") + ")" : "") << "\n"
          << "  - experts: " << (a.contains("error") ? "error: " + a.value("error", "") : chosen) << "\n";
       if (a.contains("text")) {

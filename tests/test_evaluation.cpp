@@ -4,7 +4,11 @@
 #undef CHECK
 #include <catch2/catch.hpp>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <mutex>
+#include <thread>
 
 #include "model/dataset.hpp"
 #include "model/evaluation.hpp"
@@ -197,4 +201,49 @@ TEST_CASE("LocalTrainer: rounds that keep AdamW's moments equal one round of all
   }
   CHECK(kept_diff < 1e-5);   // the same optimizer trajectory, split in two rounds
   CHECK(fresh_diff > 1e-4);  // a fresh AdamW per round takes another one
+}
+
+TEST_CASE("ComputeSlots: at most N hold a slot at once, granted in arrival order", "[evaluation][local]") {
+  {  // one slot: strictly in arrival order
+    model::ComputeSlots slots(1);
+    slots.acquire();  // held by this thread while the others queue
+    std::mutex m;
+    std::vector<int> order;
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 4; ++i) {
+      threads.emplace_back([&, i] {
+        slots.acquire();
+        {
+          std::lock_guard<std::mutex> lock(m);
+          order.push_back(i);
+        }
+        slots.release();
+      });
+      std::this_thread::sleep_for(std::chrono::milliseconds(30));  // thread i queues before i + 1
+    }
+    slots.release();
+    for (auto& t : threads) t.join();
+    CHECK(order == std::vector<int>{0, 1, 2, 3});
+  }
+  {  // two slots: never three inside
+    model::ComputeSlots slots(2);
+    std::atomic<int> inside{0}, peak{0};
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 6; ++i)
+      threads.emplace_back([&] {
+        for (int k = 0; k < 5; ++k) {
+          slots.acquire();
+          const int now = ++inside;
+          int seen = peak.load();
+          while (now > seen && !peak.compare_exchange_weak(seen, now)) {
+          }
+          std::this_thread::sleep_for(std::chrono::milliseconds(2));
+          --inside;
+          slots.release();
+        }
+      });
+    for (auto& t : threads) t.join();
+    CHECK(peak.load() <= 2);
+    CHECK(peak.load() >= 1);
+  }
 }
