@@ -114,6 +114,15 @@ double time_to(const std::vector<std::pair<double, double>>& curve, double targe
   return kNaN;
 }
 
+// The expert of a central baseline line: its "expert", else (a `fedmoe finetune` line) the name of its
+// --out directory (central/EXPERT); "" when neither says.
+std::string central_expert(const json& line) {
+  std::string expert = line.value("expert", "");
+  if (expert.empty() && line.contains("out"))
+    expert = fs::path(line.value("out", "")).lexically_normal().filename().string();
+  return expert;
+}
+
 struct Goal {
   std::string name, measured, target;
   bool met = false;
@@ -421,9 +430,7 @@ int write_run_report(const std::string& run_dir, bool plots) {
     md << "## Central baseline (same steps, pooled worker data)\n\n| expert | central steps | federated ppl | central "
           "ppl | ratio |\n|---|---:|---:|---:|---:|\n";
     for (const auto& c : central) {
-      // A `fedmoe finetune` line: the expert is the name of its --out directory (central/EXPERT).
-      std::string expert = c.value("expert", "");
-      if (expert.empty() && c.contains("out")) expert = fs::path(c.value("out", "")).lexically_normal().filename().string();
+      const std::string expert = central_expert(c);
       if (expert.empty()) continue;
       const double fed = cell(*eval, expert, expert), cen = cell(*eval, "central-" + expert, expert), ratio = fed / cen;
       md << "| " << expert << " | " << c.value("steps", 0) << " | " << fmt(fed, 2) << " | " << fmt(cen, 2) << " | "
@@ -439,9 +446,7 @@ int write_run_report(const std::string& run_dir, bool plots) {
     // A federated expert without its central baseline: the goal is not met, and the report says why.
     std::set<std::string> measured;
     for (const auto& c : central) {
-      std::string expert = c.value("expert", "");
-      if (expert.empty() && c.contains("out")) expert = fs::path(c.value("out", "")).lexically_normal().filename().string();
-      measured.insert(expert);
+      measured.insert(central_expert(c));
     }
     for (const auto& e : experts)
       if (!measured.count(e))
