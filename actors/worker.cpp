@@ -124,6 +124,7 @@ void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& s
   rec.replica = m.sender_id;
   rec.wait_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - st.idle_since).count();
   model::LocalRound r;
+  const auto train_start = std::chrono::steady_clock::now();
   try {
     r = st.options.trainer->train(lora_spec_of(snap.spec), adapter);
   } catch (const model::TrainingCancelled&) {
@@ -139,8 +140,14 @@ void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& s
   rec.val_loss_before = r.val_loss_before;
   rec.val_loss_after = r.val_loss_after;
   rec.compute_seconds = r.compute_seconds;
-  if (st.options.speed_factor > 1.0) {  // behave like a slower device
-    rec.delay_seconds = (st.options.speed_factor - 1.0) * r.compute_seconds;
+  // Behave like a device F times slower than this machine: the round ends F x compute_seconds after
+  // it started. Time the trainer spent waiting for a compute slot (model::ComputeSlots) counts
+  // toward that, so an emulated device that shares cores with others is no slower than its factor
+  // says as long as its slack covers the wait.
+  const double train_wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - train_start).count();
+  rec.slot_wait_seconds = std::max(0.0, train_wall - r.compute_seconds);
+  if (st.options.speed_factor > 1.0 && st.options.speed_factor * r.compute_seconds > train_wall) {
+    rec.delay_seconds = st.options.speed_factor * r.compute_seconds - train_wall;
     // In slices, so that a stop reaches a slow device mid-round as it reaches the trainer mid-round.
     const auto until = std::chrono::steady_clock::now() +
                        std::chrono::duration_cast<std::chrono::steady_clock::duration>(
@@ -172,7 +179,8 @@ void report_figures(Self* self) {
   if (!st.heartbeater) return;
   double speed = 0;
   if (!st.history.empty()) {
-    const double seconds = st.history.back().compute_seconds + st.history.back().delay_seconds;
+    const auto& last = st.history.back();
+    const double seconds = last.compute_seconds + last.slot_wait_seconds + last.delay_seconds;
     if (st.history.back().compute_seconds > 0) speed = 1.0 / seconds;
   }
   self->send(st.heartbeater, load_atom::value, st.awaiting != 0 ? 1.0f : 0.0f, speed);
@@ -209,7 +217,7 @@ std::string status_json(Self* self) {
                       {"new_version", r.new_version}, {"staleness", r.staleness},     {"weight", r.weight},
                       {"train_loss", r.train_loss},   {"val_loss_before", r.val_loss_before},
                       {"val_loss_after", r.val_loss_after}, {"compute_seconds", r.compute_seconds},
-                      {"delay_seconds", r.delay_seconds}, {"wait_seconds", r.wait_seconds}, {"replica", r.replica},
+                      {"delay_seconds", r.delay_seconds}, {"slot_wait_seconds", r.slot_wait_seconds}, {"wait_seconds", r.wait_seconds}, {"replica", r.replica},
                       {"finished_unix_ms", r.finished_unix_ms}});
   }
   nlohmann::json j = {{"node_id", st.options.worker_id},

@@ -6,8 +6,8 @@
 // reply timeout, or answers with an error, is left for the next one in the list (failover).
 //
 // Heterogeneity is explicit: each push carries the measured compute seconds; `speed_factor` F > 1
-// makes the worker behave like a device F times slower (it waits (F - 1) x its compute time before
-// pushing), and `latency_ms` +- `jitter_ms` delays every message it sends. Spawn it detached: local
+// makes the worker behave like a device F times slower (it pushes F x its compute time after the
+// round's training started; time spent waiting for a shared compute slot counts toward that), and `latency_ms` +- `jitter_ms` delays every message it sends. Spawn it detached: local
 // training blocks its thread.
 //
 // With a coordinator the worker follows the placement: each PlacementMap names its expert's live
@@ -64,6 +64,7 @@ struct WorkerRoundRecord {
   double weight = 0;
   double train_loss = 0, val_loss_before = 0, val_loss_after = 0;
   double compute_seconds = 0, delay_seconds = 0;
+  double slot_wait_seconds = 0;  // training's wall time beyond compute_seconds (waiting for a compute slot)
   double wait_seconds = 0;    // from the previous verdict to this round's snapshot (sync rounds: the barrier)
   std::string replica;        // shard id that answered
   int64_t finished_unix_ms = 0;  // when the verdict arrived

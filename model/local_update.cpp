@@ -39,6 +39,11 @@ void ComputeSlots::acquire() {
   changed_.notify_all();  // the next ticket may take another free slot
 }
 
+size_t ComputeSlots::waiting() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return size_t(next_ticket_ - serving_);
+}
+
 void ComputeSlots::release() {
   {
     std::lock_guard<std::mutex> lock(mutex_);

@@ -30,10 +30,11 @@ class ComputeSlots {
   void acquire();
   void release();
   size_t slots() const { return slots_; }
+  size_t waiting() const;  // callers queued in acquire() (the tickets not yet served)
 
  private:
   const size_t slots_;
-  std::mutex mutex_;
+  mutable std::mutex mutex_;
   std::condition_variable changed_;
   size_t free_;
   uint64_t next_ticket_ = 0, serving_ = 0;

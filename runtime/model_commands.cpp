@@ -51,7 +51,7 @@ torch::Device parse_device(const std::string& text) {
 
 struct TrainFlags {
   int64_t steps = 100, seq_len = 128, batch = 4, accum = 1, warmup = 10, eval_every = 0, save_every = 0;
-  double lr = 1e-3, weight_decay = 0.0, clip = 1.0, val_fraction = 0.05;
+  double lr = 1e-3, min_lr_ratio = 0.1, weight_decay = 0.0, clip = 1.0, val_fraction = 0.05;
   uint64_t seed = 0;
   bool resume = false;
 
@@ -62,6 +62,8 @@ struct TrainFlags {
     c->add_option("--grad-accum", accum, "micro-batches per step");
     c->add_option("--lr", lr, "peak learning rate (AdamW)");
     c->add_option("--warmup", warmup, "linear warmup steps, then cosine decay");
+    c->add_option("--min-lr-ratio", min_lr_ratio, "the cosine decays to lr x this (1 = constant after the warmup)")
+        ->check(CLI::Range(0.0, 1.0));
     c->add_option("--weight-decay", weight_decay, "AdamW weight decay");
     c->add_option("--clip", clip, "gradient norm clip (0 = off)");
     c->add_option("--eval-every", eval_every, "evaluate every N steps (0 = at the end)");
@@ -74,6 +76,7 @@ struct TrainFlags {
   TrainConfig config(const std::string& out) const {
     TrainConfig c;
     c.lr = lr;
+    c.min_lr_ratio = min_lr_ratio;
     c.weight_decay = weight_decay;
     c.max_grad_norm = clip;
     c.warmup_steps = warmup;

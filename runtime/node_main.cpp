@@ -96,6 +96,8 @@ struct NodeFlags {
   int64_t local_eval_batches = 1;
   bool keep_optimizer_state = false;
   size_t compute_slots = 0;
+  float temperature = 0, top_p = 1;  // sim, real clock: sampling of the asks' answers
+  uint32_t top_k = 0;
   VirtualSimConfig sim;
   bool workers_given = false;
   std::vector<std::string> expert_data;
@@ -180,6 +182,9 @@ int run_real_sim(const NodeFlags& f) {
   c.rules = f.rules;
   c.max_new_tokens = f.max_new_tokens;
   c.max_experts = f.max_experts;
+  c.temperature = f.temperature;
+  c.top_k = f.top_k;
+  c.top_p = f.top_p;
   c.router_texts = f.router_texts;
   c.local_eval_batches = f.local_eval_batches;
   c.prompts = f.prompts;
@@ -712,6 +717,11 @@ int node_main(int argc, char** argv) {
   app.add_option("--sim-lr", nf.sim.lr, "sim: local learning rate")->group(sim_group);
   app.add_option("--data-spread", nf.sim.data_spread, "sim: how far workers' private optima lie apart")->group(sim_group);
   app.add_option("--metrics-every", nf.sim.metrics_every_s, "sim: virtual seconds between loss lines")->group(sim_group);
+  app.add_option("--temperature", nf.temperature, "sim, real clock: sampling temperature of the asks' answers (0: greedy)")
+      ->group(sim_group);
+  app.add_option("--top-k", nf.top_k, "sim, real clock: sample the asks' answers from the k likeliest tokens (0: off)")
+      ->group(sim_group);
+  app.add_option("--top-p", nf.top_p, "sim, real clock: nucleus sampling of the asks' answers (1: off)")->group(sim_group);
   app.add_option("--metrics", nf.metrics, "sim: write metrics JSON lines here (default: stdout)")->group(sim_group);
 
   auto& pc = nf.store.policy;

@@ -21,6 +21,7 @@
 #include "actors/worker.hpp"
 #include "model/checkpoint.hpp"
 #include "model/dataset.hpp"
+#include "model/evaluation.hpp"
 #include "model/expert_server.hpp"
 #include "model/lora_expert.hpp"
 #include "model/qwen2_config.hpp"
@@ -101,6 +102,26 @@ json status(NodeSystem& node, const caf::actor& a, std::chrono::milliseconds tim
 
 }  // namespace
 
+std::vector<double> worker_speeds(size_t experts, uint64_t workers, double speed_min, double speed_max) {
+  if (experts == 0) throw std::invalid_argument("worker_speeds: no experts");
+  std::vector<uint64_t> per_expert(experts, 0);
+  for (uint64_t w = 0; w < workers; ++w) ++per_expert[w % experts];
+  std::vector<double> speeds;
+  for (uint64_t w = 0; w < workers; ++w) {
+    const uint64_t n = per_expert[w % experts], k = w / experts;
+    const double unit = n > 1 ? double(k) / double(n - 1) : workers > 1 ? double(w) / double(workers - 1) : 0.0;
+    speeds.push_back(speed_min + (speed_max - speed_min) * unit);
+  }
+  return speeds;
+}
+
+double device_time_scale(const std::vector<double>& speeds, double speed_min, size_t slots) {
+  if (slots == 0) return 1.0;
+  double busy = 0;  // cores the fleet keeps busy when no device waits for another
+  for (double s : speeds) busy += speed_min / s;
+  return std::max(1.0, busy / double(slots));
+}
+
 RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
   const auto start = Clock::now();
   const int64_t start_unix_ms = net::unix_ms_now();
@@ -119,6 +140,8 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
   if (c.shards == 0) throw std::runtime_error("--shards: at least 1");
   const auto probe = make_base(c);
   auto tok = model::load_tokenizer(c.tokenizer, c.base_model);
+  const auto speeds = worker_speeds(experts.size(), c.workers, c.speed_min, c.speed_max);
+  const double time_scale = device_time_scale(speeds, c.speed_min, c.compute_slots);
   {
     json cfg = {{"event", "config"},         {"policy", c.policy.name},     {"workers", c.workers},
                 {"local_steps", c.local_steps}, {"batch", c.batch},         {"seq_len", c.seq_len},
@@ -126,6 +149,8 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
                 {"speed_min", c.speed_min},   {"speed_max", c.speed_max},   {"latency_ms", c.latency_ms},
                 {"jitter_ms", c.jitter_ms},   {"duration_s", c.duration_s}, {"rounds", c.rounds},
                 {"keep_optimizer_state", c.keep_optimizer_state}, {"compute_slots", c.compute_slots},
+                {"temperature", c.temperature}, {"top_k", c.top_k}, {"top_p", c.top_p},
+                {"time_scale", time_scale},
                 {"base_model", c.base_model.empty() ? "fresh " + c.model_config : c.base_model}};
     metrics << cfg.dump() << std::endl;
   }
@@ -248,14 +273,7 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
     const uint64_t n = per_expert[e.id], part = w / experts.size();
     std::vector<model::Example> mine;
     for (size_t i = part; i < e.train.size(); i += n) mine.push_back(e.train[i]);
-    // Speeds spread evenly over [speed_min, speed_max] by a rank that snakes through the experts
-    // (part 0: experts in order, part 1: reversed, ...), so that every expert gets fast and slow
-    // workers instead of the last expert getting all the slowest.
-    const uint64_t ne = experts.size(), i = w % ne;
-    const bool full_part = (part + 1) * ne <= c.workers;  // a last, partial part keeps the order
-    const uint64_t rank = part * ne + (part % 2 == 1 && full_part ? ne - 1 - i : i);
-    const double speed = c.workers == 1 ? c.speed_min
-                                        : c.speed_min + (c.speed_max - c.speed_min) * double(rank) / double(c.workers - 1);
+    const double speed = speeds[w];
     actors::WorkerOptions o;
     o.worker_id = "worker-" + std::to_string(w);
     o.expert_id = e.id;
@@ -277,7 +295,7 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
                                " examples): " + ex.what());
     }
     o.rounds = c.rounds;
-    o.speed_factor = speed / c.speed_min;  // the fastest worker runs at this machine's speed
+    o.speed_factor = speed / c.speed_min * time_scale;
     o.sync_rounds = c.policy.name == "fedavg";  // synchronous rounds: one update per worker per round
     o.stop = stop;
     o.latency_ms = c.latency_ms;
@@ -287,6 +305,7 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
     o.membership.heartbeat_ms = 500;
     prepared.emplace_back(std::move(o),
                           json{{"worker", "worker-" + std::to_string(w)}, {"expert", e.id}, {"speed_factor", speed},
+                               {"time_multiplier", o.speed_factor},
                                {"seen", 0}});
   }
   const double workers_start = seconds();  // duration_s counts from here: set-up is not training time
@@ -374,6 +393,10 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
     net::GenerateRequest req;
     req.prompt = prompt;
     req.max_new_tokens = c.max_new_tokens;
+    req.temperature = c.temperature;
+    req.top_k = c.top_k;
+    req.top_p = c.top_p;
+    req.seed = c.seed;
     req.max_experts = max_experts;
     std::string error;
     auto reply = ask_router(node, router, req, kTimeout, &error);
@@ -406,7 +429,9 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
   // The validation curve, computed now that the workers are done (their cores are free again).
   torch::set_num_threads(threads_before);
   for (const auto& e : experts) {
-    const auto packed = model::prepare(e.validation, tok, size_t(c.seq_len), 0.0, c.seed).train;  // all of it
+    // Each example scored on its own first seq_len tokens, as `fedmoe eval` scores them (so the curve
+    // and the perplexity matrix measure the same thing, and an example's length does not set its weight).
+    const auto windows = model::example_windows(e.validation, model::encoder_for(tok), size_t(c.seq_len));
     // One base for this expert's versions (attached one at a time) and its final adapter.
     model::LoraExperts adapters(make_base(c));
     std::map<uint64_t, double> by_version;  // a version's loss does not change
@@ -418,7 +443,8 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
         const std::string name = e.id + "@" + std::to_string(cap.version);
         adapters.import_adapter(name, actors::lora_spec_of(cap.spec), cap.tensors);
         adapters.activate(name);
-        it = by_version.emplace(cap.version, model::evaluate_loss(adapters.model(), packed, c.batch)).first;
+        it = by_version.emplace(cap.version, model::summarize(model::example_losses(adapters.model(), windows, c.batch)).loss)
+                 .first;
         adapters.detach(name);
       }
       metrics << json{{"event", "eval"}, {"t", cap.t}, {"expert", e.id}, {"version", cap.version},

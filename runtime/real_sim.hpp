@@ -1,10 +1,11 @@
 // The real-time simulation of a federation (`fedmoe-node --role sim --clock real`): a coordinator,
 // shards, workers and a router as actors in this one process, talking through the same transport as
 // separate nodes do, with real LoRA training on a real (small) base. What is simulated is only the
-// fleet: each worker gets a disjoint part of its expert's data, a speed factor spread evenly over
-// [speed_min, speed_max] (the fastest runs at this machine's speed, a worker with factor F waits so
-// that its rounds take F / speed_min as long; each expert gets fast and slow ones), and a message
-// latency with jitter.
+// fleet: each worker gets a disjoint part of its expert's data, a speed factor S in
+// [speed_min, speed_max] (worker_speeds: each expert's workers spread over the whole range, so every
+// expert has its fastest and its slowest device), and a message latency with jitter. A worker with
+// factor S behaves like a device whose rounds take S / speed_min x time_scale as long as on a core of
+// this machine; time_scale is 1 unless the workers share compute slots (device_time_scale).
 //
 // Output: metrics JSON lines — one per finished worker round ("event": "round": expert, versions,
 // staleness, verdict, losses, compute and delay seconds), then "event": "summary" (per expert:
@@ -51,7 +52,8 @@ struct RealSimConfig {
   // Validation loss over time: every eval_every_s the newest version of each expert is taken from its
   // primary (and once at the start and at the end); after the run, when the cores are free again,
   // each is evaluated on the expert's validation data (EXPERT=FILE, else its held-out tenth), at most
-  // eval_examples examples. One "event": "eval" line per (time, expert).
+  // eval_examples examples, each on its own first seq_len tokens (as `fedmoe eval` scores them).
+  // One "event": "eval" line per (time, expert).
   double eval_every_s = 0;               // 0: only the start and the end
   std::vector<std::string> validation_data;
   size_t eval_examples = 64;
@@ -59,6 +61,9 @@ struct RealSimConfig {
                                          //   OUT/router.safetensors the learned router
   std::vector<std::string> prompts;      // asked of the router after the held-out ones ("event": "ask")
   uint32_t max_experts = 2;              // experts per prompt for `prompts` (held-out ones get 1)
+  float temperature = 0;                 // sampling of the asks' answers (0: greedy), seeded with `seed`
+  uint32_t top_k = 0;
+  float top_p = 1;
 };
 
 struct RealSimResult {
@@ -66,6 +71,19 @@ struct RealSimResult {
   uint64_t routed_right = 0, asked = 0;  // held-out prompts the router sent to their own expert
   double wall_seconds = 0;
 };
+
+// Speed factor per worker (workers are dealt round-robin to `experts` experts): an expert with n > 1
+// workers gets speed_min + (speed_max - speed_min) * k / (n - 1) for its k-th one, so that every
+// expert sees the whole range; an expert with one worker gets the even global spread's value at
+// that worker's index.
+std::vector<double> worker_speeds(size_t experts, uint64_t workers, double speed_min, double speed_max);
+
+// With compute slots, emulated devices share `slots` cores. A device of factor F is busy 1/F of
+// its time, so the fleet needs sum(speed_min / S) cores; when that exceeds the slots, every device
+// is made time_scale = sum / slots times slower (the same factor for every run with these speeds),
+// so that each still gets the compute its factor promises and the speed ratios stay as configured.
+// 1 without slots, or when the slots suffice.
+double device_time_scale(const std::vector<double>& speeds, double speed_min, size_t slots);
 
 // Runs the federation until every worker has made its rounds; writes metrics JSON lines. Throws
 // std::runtime_error (naming the file, expert or node) when it cannot be set up.

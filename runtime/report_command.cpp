@@ -108,9 +108,17 @@ SimRun read_sim(const fs::path& path, const std::string& label) {
 }
 
 // The first time the curve is at or below `target` (NaN: never).
+// When a sampled loss curve first reaches `target`, read off the straight line between the last
+// capture above it and the first at or below it (the curve is sampled every --eval-every-s, far
+// coarser than the rounds that move it). NaN when it never does.
 double time_to(const std::vector<std::pair<double, double>>& curve, double target) {
-  for (const auto& [t, loss] : curve)
-    if (loss <= target + 1e-9) return t;
+  for (size_t i = 0; i < curve.size(); ++i) {
+    const auto [t, loss] = curve[i];
+    if (loss > target + 1e-9) continue;
+    if (i == 0) return t;
+    const auto [t0, l0] = curve[i - 1];
+    return t0 + (t - t0) * (l0 - target) / (l0 - loss);
+  }
   return kNaN;
 }
 
@@ -187,6 +195,7 @@ int write_run_report(const std::string& run_dir, bool plots) {
   if (plots) fs::create_directories(plot_dir);
 
   const auto corpus = read_last_line(run / "corpus.json");
+  const auto base = read_last_line(run / "base.json");
   const auto eval = read_last_line(run / "eval.json");
   const auto async_run = read_sim(run / "async.jsonl", "asynchronous");
   const auto sync_run = read_sim(run / "sync.jsonl", "synchronous");
@@ -214,6 +223,40 @@ int write_run_report(const std::string& run_dir, bool plots) {
     md << "\n";
   }
 
+  // --- the base model ---
+  if (base || (eval && eval->contains("matrix") && (*eval)["matrix"].contains("base"))) {
+    md << "## Base model\n\n";
+    if (base) {
+      const json pre = base->value("pretrain", json::object());
+      md << "`" << base->value("model_config", std::string("?")) << "`, pretrained by the project (`fedmoe pretrain`) for "
+         << pre.value("steps", 0) << " steps on " << base->value("data", std::string("?")) << " ("
+         << base->value("data_files", 0) << " files): final training loss " << fmt(pre.value("train_loss", kNaN))
+         << ", validation loss " << fmt(pre.value("val_loss", kNaN)) << " (perplexity "
+         << fmt(pre.value("val_ppl", kNaN), 1) << ") on held-out text of that data.";
+      if (!base->value("cached", true)) md << " Pretrained in this run.";
+      md << "\n\n";
+    }
+    if (eval && eval->contains("matrix") && (*eval)["matrix"].contains("base")) {
+      double lo = std::numeric_limits<double>::infinity(), hi = 0;
+      md << "Its perplexity on the experts' domains:";
+      bool first = true;
+      for (const auto& [domain, v] : (*eval)["matrix"]["base"].items()) {
+        const double p = v.value("perplexity", kNaN);
+        md << (first ? " " : ", ") << domain << " " << fmt(p, 0);
+        first = false;
+        if (!std::isnan(p)) lo = std::min(lo, p), hi = std::max(hi, p);
+      }
+      md << ".";
+      // Why this base: the demo must build it within its time budget on two cores, so it is small and
+      // briefly trained; readers should weigh the absolute numbers (and the generated text) accordingly.
+      if (lo > 100)
+        md << " This is a weak base (a small model trained for minutes on this machine, perplexity " << fmt(lo, 0)
+           << " to " << fmt(hi, 0) << " on the domains): absolute perplexities below are high and generated answers "
+              "are mostly noise. The quality goals compare models on this same base, as ratios.";
+      md << "\n\n";
+    }
+  }
+
   // --- the federation runs ---
   std::vector<const SimRun*> sims;
   for (const auto* s : {&async_run, &sync_run})
@@ -226,7 +269,9 @@ int write_run_report(const std::string& run_dir, bool plots) {
       uint64_t accepted = 0;
       for (const auto& [e, n] : s->accepted) accepted += n;
       md << "| " << s->label << " | " << s->policy << " | " << c.value("workers", 0) << " | "
-         << fmt(c.value("speed_min", kNaN), 2) << "..." << fmt(c.value("speed_max", kNaN), 2) << " | "
+         << fmt(c.value("speed_min", kNaN), 2) << "..." << fmt(c.value("speed_max", kNaN), 2)
+         << (c.value("time_scale", 1.0) > 1.0 ? " (x" + fmt(c.value("time_scale", 1.0), 2) + " time scale)" : std::string())
+         << " | "
          << c.value("latency_ms", 0) << " +- " << c.value("jitter_ms", 0) << " | " << c.value("local_steps", 0)
          << " x " << c.value("batch", 0) << " x " << c.value("seq_len", 0) << " | " << s->rounds << " | " << accepted
          << " | " << fmt(s->summary.value("t", kNaN), 1) << " |\n";
@@ -407,7 +452,8 @@ int write_run_report(const std::string& run_dir, bool plots) {
   // --- asynchronous vs synchronous ---
   if (async_run.present && sync_run.present) {
     md << "## Asynchronous vs synchronous aggregation\n\nTarget: the synchronous run's final validation loss per "
-          "expert; time: when each run's curve first reaches it (from the workers' start).\n\n"
+          "expert; time: when each run's curve first reaches it (from the workers' start; linear between two "
+          "captures).\n\n"
           "| expert | target loss | synchronous s | asynchronous s | ratio |\n|---|---:|---:|---:|---:|\n";
     for (const auto& [expert, sc] : sync_run.curve) {
       auto it = async_run.curve.find(expert);

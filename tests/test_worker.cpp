@@ -57,7 +57,7 @@ struct Fixture {
 
   // Each worker its own copy of the frozen base (in one process they could share one; separate
   // copies keep the workers' threads independent).
-  std::shared_ptr<model::LocalTrainer> trainer(uint64_t seed) {
+  std::shared_ptr<model::LocalTrainer> trainer(uint64_t seed, std::shared_ptr<model::ComputeSlots> slots = nullptr) {
     torch::manual_seed(7);  // the same base for everyone
     model::Qwen2ForCausalLM base(config);
     auto data = model::prepare(model::load_examples({(dir / "sql.jsonl").string()}), tok, 24, 0.2, seed);
@@ -66,6 +66,8 @@ struct Fixture {
     c.batch = 4;
     c.lr = 5e-3;
     c.seed = seed;
+    c.compute_slots = std::move(slots);
+    if (c.compute_slots) c.eval_batches = -1;  // its rounds' wall time is then its steps and slot waits
     return std::make_shared<model::LocalTrainer>(base, std::move(data), c);
   }
 
@@ -257,4 +259,38 @@ TEST_CASE("sync-round workers under FedAvg: each round takes one update of each 
   const auto slow = status_of(node, workers[1])["rounds"];
   CHECK(fast[1]["wait_seconds"].get<double>() > 0.5 * slow[0]["delay_seconds"].get<double>());
   CHECK(fast[2]["wait_seconds"].get<double>() > 0.5 * slow[1]["delay_seconds"].get<double>());
+}
+
+TEST_CASE("a slow device's emulated round time absorbs the time it waited for a shared compute slot",
+          "[worker]") {
+  Fixture fx;
+  runtime::NodeSystem node;
+  model::PolicyConfig policy;  // fedasync
+  auto slots = std::make_shared<model::ComputeSlots>(1);  // two workers, one core between them
+  auto [shard, workers] = shard_and_two_workers(fx, node, policy, 30, [&](actors::WorkerOptions& o, int i) {
+    o.speed_factor = i == 0 ? 1.0 : 3.0;
+    o.trainer = fx.trainer(30 + i, slots);
+  });
+  wait_finished(node, workers);
+  double waited = 0, computed = 0;
+  for (size_t i = 0; i < workers.size(); ++i) {
+    const auto rounds = status_of(node, workers[i])["rounds"];
+    REQUIRE(rounds.size() == 3);
+    for (const auto& r : rounds) {
+      INFO(r.dump());
+      const double c = r["compute_seconds"].get<double>(), w = r["slot_wait_seconds"].get<double>(),
+                   d = r["delay_seconds"].get<double>();
+      CHECK(c > 0);
+      CHECK(w >= 0);
+      waited += w, computed += c;
+      if (i == 0) {
+        CHECK(d == 0);  // factor 1: no emulated slowness, whatever it waited
+      } else if (w < 2 * c) {
+        CHECK(c + w + d == Approx(3 * c).epsilon(1e-6));  // the wait is part of the 3x, not added to it
+      } else {
+        CHECK(d == 0);  // waited longer than its slack: it is late, not later still
+      }
+    }
+  }
+  CHECK(waited > 0.2 * computed);  // the two did contend for the one slot
 }
