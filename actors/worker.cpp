@@ -181,7 +181,7 @@ void report_figures(Self* self) {
   if (!st.history.empty()) {
     const auto& last = st.history.back();
     const double seconds = last.compute_seconds + last.slot_wait_seconds + last.delay_seconds;
-    if (st.history.back().compute_seconds > 0) speed = 1.0 / seconds;
+    if (last.compute_seconds > 0) speed = 1.0 / seconds;
   }
   self->send(st.heartbeater, load_atom::value, st.awaiting != 0 ? 1.0f : 0.0f, speed);
 }
@@ -217,7 +217,8 @@ std::string status_json(Self* self) {
                       {"new_version", r.new_version}, {"staleness", r.staleness},     {"weight", r.weight},
                       {"train_loss", r.train_loss},   {"val_loss_before", r.val_loss_before},
                       {"val_loss_after", r.val_loss_after}, {"compute_seconds", r.compute_seconds},
-                      {"delay_seconds", r.delay_seconds}, {"slot_wait_seconds", r.slot_wait_seconds}, {"wait_seconds", r.wait_seconds}, {"replica", r.replica},
+                      {"delay_seconds", r.delay_seconds}, {"slot_wait_seconds", r.slot_wait_seconds},
+                      {"wait_seconds", r.wait_seconds}, {"replica", r.replica},
                       {"finished_unix_ms", r.finished_unix_ms}});
   }
   nlohmann::json j = {{"node_id", st.options.worker_id},

@@ -7,8 +7,9 @@
 //
 // Heterogeneity is explicit: each push carries the measured compute seconds; `speed_factor` F > 1
 // makes the worker behave like a device F times slower (it pushes F x its compute time after the
-// round's training started; time spent waiting for a shared compute slot counts toward that), and `latency_ms` +- `jitter_ms` delays every message it sends. Spawn it detached: local
-// training blocks its thread.
+// round's training started; time spent waiting for a shared compute slot counts toward that), and
+// `latency_ms` +- `jitter_ms` delays every message it sends. Spawn it detached: local training
+// blocks its thread.
 //
 // With a coordinator the worker follows the placement: each PlacementMap names its expert's live
 // replicas, and from then on it pulls from and pushes to those (the primary first), so a federation

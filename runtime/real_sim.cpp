@@ -305,7 +305,6 @@ RealSimResult run_real_sim(const RealSimConfig& c, std::ostream& metrics) {
     o.membership.heartbeat_ms = 500;
     prepared.emplace_back(std::move(o),
                           json{{"worker", "worker-" + std::to_string(w)}, {"expert", e.id}, {"speed_factor", speed},
-                               {"time_multiplier", o.speed_factor},
                                {"seen", 0}});
   }
   const double workers_start = seconds();  // duration_s counts from here: set-up is not training time

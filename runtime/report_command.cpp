@@ -107,7 +107,6 @@ SimRun read_sim(const fs::path& path, const std::string& label) {
   return r;
 }
 
-// The first time the curve is at or below `target` (NaN: never).
 // When a sampled loss curve first reaches `target`, read off the straight line between the last
 // capture above it and the first at or below it (the curve is sampled every --eval-every-s, far
 // coarser than the rounds that move it). NaN when it never does.
@@ -224,7 +223,8 @@ int write_run_report(const std::string& run_dir, bool plots) {
   }
 
   // --- the base model ---
-  if (base || (eval && eval->contains("matrix") && (*eval)["matrix"].contains("base"))) {
+  const bool base_row = eval && eval->contains("matrix") && (*eval)["matrix"].contains("base");
+  if (base || base_row) {
     md << "## Base model\n\n";
     if (base) {
       const json pre = base->value("pretrain", json::object());
@@ -236,7 +236,7 @@ int write_run_report(const std::string& run_dir, bool plots) {
       if (!base->value("cached", true)) md << " Pretrained in this run.";
       md << "\n\n";
     }
-    if (eval && eval->contains("matrix") && (*eval)["matrix"].contains("base")) {
+    if (base_row) {
       double lo = std::numeric_limits<double>::infinity(), hi = 0;
       md << "Its perplexity on the experts' domains:";
       bool first = true;
