@@ -11,6 +11,8 @@
 #include <caf/event_based_actor.hpp>
 #include <spdlog/spdlog.h>
 
+#include "actors/dispatch.hpp"
+#include "actors/durable_file.hpp"
 #include "actors/membership.hpp"
 
 namespace fedmoe::actors {
@@ -30,20 +32,14 @@ void reply(Self* self, uint64_t correlation_id, net::Body body) {
   send_to(self, caf::actor_cast<caf::actor>(self->current_sender()), correlation_id, std::move(body));
 }
 
+// Saves the registry (experts, placement, assignments, epoch) durably before anyone hears of a change:
+// a restarted coordinator must never hand out an epoch it already used.
 void persist(Self* self) {
   const auto& dir = self->state.options.state_dir;
   if (dir.empty()) return;
   try {
     fs::create_directories(dir);
-    auto path = fs::path(dir) / "coordinator.json";
-    auto tmp = fs::path(dir) / "coordinator.json.tmp";
-    {
-      std::ofstream out(tmp, std::ios::trunc);
-      out << self->state.registry->to_json().dump(2) << "\n";
-      out.flush();
-      if (!out) throw std::runtime_error("cannot write " + tmp.string());
-    }
-    fs::rename(tmp, path);  // atomic: a crash leaves the old or the new state, never half of one
+    write_file_durably(fs::path(dir) / "coordinator.json", self->state.registry->to_json().dump(2) + "\n");
   } catch (const std::exception& e) {
     ++self->state.errors["persist"];
     spdlog::error("{}: cannot save its state: {}", self->state.options.node_id, e.what());
@@ -115,7 +111,7 @@ void finish_gathering(Self* self, uint64_t gid) {
   j["unanswered"] = unanswered;
   j["errors"] = self->state.errors;
   send_to(self, g.client, g.correlation_id,
-          net::StatusReply{g.request_id, self->state.options.node_id, net::Role::coordinator, j.dump()});
+          net::StatusReply{g.request_id, self->state.options.node_id, net::Role::coordinator, json_text(j)});
   self->state.gatherings.erase(it);
 }
 
@@ -156,6 +152,53 @@ void on_status_reply(Self* self, const net::Message& m, const net::StatusReply& 
   if (g.waiting.empty()) finish_gathering(self, gid);
 }
 
+// Every message a member or a client sends to the coordinator.
+void on_message(Self* self, const net::Message& m) {
+  auto& st = self->state;
+  if (auto* h = std::get_if<net::Hello>(&m.body)) {
+    remember_sender(self, h->node_id);
+    const bool moved = st.registry->join(*h, net::steady_ms_now());
+    spdlog::info("{}: '{}' joined as {}", st.options.node_id, h->node_id, net::to_string(h->role));
+    reply(self, m.correlation_id, net::HelloAck{true, st.options.registry.lease_ms, "", st.options.node_id});
+    changed(self, moved);
+    if (!moved) {  // the newcomer needs the map (and a router the shards) anyway
+      if (h->role == net::Role::shard) share_peers(self);  // a restarted shard has a new handle
+      if (h->role == net::Role::router || h->role == net::Role::worker) send_peers(self, h->node_id);
+      reply(self, 0, st.registry->placement());
+    }
+    return;
+  }
+  if (auto* hb = std::get_if<net::Heartbeat>(&m.body)) {
+    if (!st.registry->is_member(hb->node_id)) {  // e.g. expired and forgotten: ask it to join again
+      return reply(self, m.correlation_id, net::ErrorReply{"not_a_member", "send hello first"});
+    }
+    remember_sender(self, hb->node_id);
+    if (st.registry->heartbeat(*hb, net::steady_ms_now())) changed(self, true);
+    return;
+  }
+  if (auto* leave = std::get_if<net::Leave>(&m.body)) {
+    st.handles.erase(leave->node_id);
+    spdlog::info("{}: '{}' left ({})", st.options.node_id, leave->node_id, leave->reason);
+    return changed(self, st.registry->leave(leave->node_id));
+  }
+  if (auto* spec = std::get_if<net::ExpertSpec>(&m.body)) {
+    const bool moved = spec->removed ? st.registry->remove_expert(spec->expert_id) : st.registry->add_expert(*spec);
+    spdlog::info("{}: expert '{}' {}", st.options.node_id, spec->expert_id, spec->removed ? "removed" : "registered");
+    changed(self, moved);
+    return reply(self, m.correlation_id, st.registry->placement());
+  }
+  if (auto* req = std::get_if<net::StatusRequest>(&m.body)) return on_status(self, m, *req);
+  if (auto* r = std::get_if<net::StatusReply>(&m.body)) return on_status_reply(self, m, *r);
+  if (auto* err = std::get_if<net::ErrorReply>(&m.body)) {  // never answer an error with an error
+    ++st.errors["peer_error:" + err->code];
+    return;
+  }
+  ++st.errors["unsupported"];
+  reply(self, m.correlation_id,
+        net::ErrorReply{"unsupported", std::string("a coordinator does not handle ") + net::body_name(m.body) +
+                                           " messages"});
+}
+
 }  // namespace
 
 caf::behavior coordinator(Self* self, std::shared_ptr<net::Transport> transport, CoordinatorOptions options) {
@@ -170,6 +213,10 @@ caf::behavior coordinator(Self* self, std::shared_ptr<net::Transport> transport,
       auto j = nlohmann::json::parse(in, nullptr, false);
       if (j.is_discarded()) throw std::runtime_error(path.string() + ": not valid JSON");
       st.registry = std::make_unique<Registry>(Registry::from_json(j, st.options.registry, net::steady_ms_now()));
+      // A new epoch for a new incarnation: members accept maps only from epochs at least as new as
+      // the last they saw, and this coordinator may have sent one more than it saved before dying.
+      st.registry->advance_epoch();
+      persist(self);
       spdlog::info("{}: resumed from {}: {} experts, {} members, epoch {}", st.options.node_id, path.string(),
                    st.registry->experts().size(), st.registry->members().size(), st.registry->epoch());
     }
@@ -190,57 +237,8 @@ caf::behavior coordinator(Self* self, std::shared_ptr<net::Transport> transport,
       },
       [=](status_timeout_atom, uint64_t gid) { finish_gathering(self, gid); },
       [=](net::WireFrame& frame) {
-        auto& st = self->state;
-        auto received = st.transport->receive(self, frame);
-        if (!received) return;
-        if (!*received) {
-          ++st.errors[net::to_string(received->error().code)];
-          spdlog::warn("{}: rejected a message: {}", st.options.node_id, received->error().message());
-          return reply(self, 0, net::ErrorReply{net::to_string(received->error().code), received->error().detail});
-        }
-        const net::Message& m = received->value();
-        if (auto* h = std::get_if<net::Hello>(&m.body)) {
-          remember_sender(self, h->node_id);
-          const bool moved = st.registry->join(*h, net::steady_ms_now());
-          spdlog::info("{}: '{}' joined as {}", st.options.node_id, h->node_id, net::to_string(h->role));
-          reply(self, m.correlation_id, net::HelloAck{true, st.options.registry.lease_ms, "", st.options.node_id});
-          changed(self, moved);
-          if (!moved) {  // the newcomer needs the map (and a router the shards) anyway
-            if (h->role == net::Role::shard) share_peers(self);  // a restarted shard has a new handle
-            if (h->role == net::Role::router || h->role == net::Role::worker) send_peers(self, h->node_id);
-            reply(self, 0, st.registry->placement());
-          }
-          return;
-        }
-        if (auto* hb = std::get_if<net::Heartbeat>(&m.body)) {
-          if (!st.registry->is_member(hb->node_id)) {  // e.g. expired and forgotten: ask it to join again
-            return reply(self, m.correlation_id, net::ErrorReply{"not_a_member", "send hello first"});
-          }
-          remember_sender(self, hb->node_id);
-          if (st.registry->heartbeat(*hb, net::steady_ms_now())) changed(self, true);
-          return;
-        }
-        if (auto* leave = std::get_if<net::Leave>(&m.body)) {
-          st.handles.erase(leave->node_id);
-          spdlog::info("{}: '{}' left ({})", st.options.node_id, leave->node_id, leave->reason);
-          return changed(self, st.registry->leave(leave->node_id));
-        }
-        if (auto* spec = std::get_if<net::ExpertSpec>(&m.body)) {
-          const bool moved = spec->removed ? st.registry->remove_expert(spec->expert_id) : st.registry->add_expert(*spec);
-          spdlog::info("{}: expert '{}' {}", st.options.node_id, spec->expert_id, spec->removed ? "removed" : "registered");
-          changed(self, moved);
-          return reply(self, m.correlation_id, st.registry->placement());
-        }
-        if (auto* req = std::get_if<net::StatusRequest>(&m.body)) return on_status(self, m, *req);
-        if (auto* r = std::get_if<net::StatusReply>(&m.body)) return on_status_reply(self, m, *r);
-        if (auto* err = std::get_if<net::ErrorReply>(&m.body)) {  // never answer an error with an error
-          ++st.errors["peer_error:" + err->code];
-          return;
-        }
-        ++st.errors["unsupported"];
-        reply(self, m.correlation_id,
-              net::ErrorReply{"unsupported", std::string("a coordinator does not handle ") + net::body_name(m.body) +
-                                                 " messages"});
+        dispatch(self, *self->state.transport, self->state.options.node_id, self->state.errors, frame,
+                 [&](const net::Message& m) { on_message(self, m); });
       },
   };
 }

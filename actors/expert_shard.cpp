@@ -1,5 +1,6 @@
 #include "actors/expert_shard.hpp"
 
+#include <algorithm>
 #include <cstdio>
 
 #include <caf/actor_cast.hpp>
@@ -8,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include "actors/dispatch.hpp"
 #include "net/checksum.hpp"
 
 namespace fedmoe::actors {
@@ -18,6 +20,7 @@ using Self = caf::stateful_actor<ExpertShardState>;
 // (expert id, version the round started at): FedAvg's round deadline, sent by the shard to itself.
 using round_deadline_atom = caf::atom_constant<caf::atom("rdeadline")>;
 using replication_timeout_atom = caf::atom_constant<caf::atom("rtimeout")>;
+using seed_timeout_atom = caf::atom_constant<caf::atom("stimeout")>;
 
 // The primary of `expert` in the latest map, or nullptr when no map places it (a standalone shard).
 const std::string* primary_of(Self* self, const std::string& expert) {
@@ -56,12 +59,25 @@ void seed_replicas(Self* self) {
       // With the update ids folded in so far: should the replica become primary, a repeated id is
       // still recognised.
       auto seed = e->published;
-      seed.seen_update_ids.assign(e->seen.begin(), e->seen.end());
-      send_to(self, peer->second, 0, std::move(seed));
+      seed.seen_update_ids.assign(e->seen_order.begin(), e->seen_order.end());
+      const uint64_t corr = st.next_correlation++;
+      send_to(self, peer->second, corr, std::move(seed));
       st.seeded[expert].insert(shard);
+      st.seed_of[corr] = {expert, shard};
+      ++st.seeds_sent;
+      self->delayed_send(self, std::chrono::milliseconds(st.replication_timeout_ms), seed_timeout_atom::value, corr);
       spdlog::info("{}: seeded replica {} of '{}' with v{}", st.node_id, shard, expert, e->weights.version);
     }
   }
+}
+
+// `shard` needs our snapshot of `expert` again (its seed failed, it restarted, it fell out of order).
+void reseed(Self* self, const std::string& expert, const std::string& shard, const std::string& why) {
+  auto& st = self->state;
+  if (!st.seeded[expert].erase(shard)) return;
+  ++st.seeds_retried;
+  spdlog::warn("{}: replica {} of '{}' is seeded again: {}", st.node_id, shard, expert, why);
+  seed_replicas(self);
 }
 
 // Tells subscribers of every expert whose version moved past the last announced one.
@@ -152,8 +168,13 @@ void on_update(Self* self, const net::Message& m, const net::UpdatePush& u) {
   PushResult r;
   try {
     r = self->state.store->push(u);
-  } catch (const std::exception& e) {  // storage trouble: say so, do not acknowledge
-    return reply_error(self, m.correlation_id, "storage_error", e.what());
+  } catch (const std::exception& e) {  // storage trouble: nothing applied; say so, the worker retries later
+    ++self->state.errors["storage_error"];
+    spdlog::error("{}: update '{}' of '{}' not stored: {}", self->state.node_id, u.update_id, u.expert_id, e.what());
+    const auto* held = self->state.store->find(u.expert_id);
+    return reply(self, m.correlation_id,
+                 net::UpdateReject{u.expert_id, u.update_id, net::RejectReason::storage_error, e.what(),
+                                   held ? held->weights.version : 0});
   }
   const auto& policy = self->state.store->options().policy;
   if (r.accepted && !r.applied && policy.name == "fedavg" && policy.round_deadline_ms > 0 && leads(self, u.expert_id)) {
@@ -197,6 +218,8 @@ void on_replica_answer(Self* self, const net::Message& m, bool accepted, const s
   if (!accepted) {
     ++st.replica_rejects;
     spdlog::warn("{}: replica {} refused a forwarded update: {}", st.node_id, m.sender_id, detail);
+    if (auto refused = st.replications.find(id); refused != st.replications.end())
+      reseed(self, refused->second.ack.expert_id, m.sender_id, detail);
   }
   auto rep = st.replications.find(id);
   if (rep == st.replications.end()) return;
@@ -212,6 +235,8 @@ std::string status_json(Self* self) {
   j["policy"] = self->state.store->options().policy.name;
   j["placement_epoch"] = self->state.placement_epoch;
   j["placed_experts"] = self->state.placed_experts;
+  j["seeds"] = {{"sent", self->state.seeds_sent}, {"retried", self->state.seeds_retried},
+                {"awaiting_receipt", self->state.seed_of.size()}};
   j["replication"] = {{"forwarded", self->state.replicated},
                       {"timeouts", self->state.replication_timeouts},
                       {"replica_rejects", self->state.replica_rejects}};
@@ -228,7 +253,88 @@ std::string status_json(Self* self) {
   j["transport"] = {{"sent_local", s.sent_local}, {"sent_inline", s.sent_inline}, {"sent_bulk", s.sent_bulk},
                     {"received", s.received},     {"fetches", s.fetches},         {"fetch_failures", s.fetch_failures},
                     {"decode_errors", s.decode_errors}};
-  return j.dump();
+  return json_text(j);
+}
+
+
+// Every message a peer sends to the shard.
+void on_message(Self* self, const net::Message& m) {
+  if (auto* snap = std::get_if<net::ExpertSnapshot>(&m.body)) {
+    on_snapshot(self, m, *snap);
+    return announce_versions(self);
+  }
+  if (auto* pull = std::get_if<net::SnapshotRequest>(&m.body)) return on_pull(self, m, *pull);
+  if (auto* push = std::get_if<net::UpdatePush>(&m.body)) {
+    on_update(self, m, *push);
+    return announce_versions(self);
+  }
+  if (auto* map = std::get_if<net::PlacementMap>(&m.body)) {
+    if (map->epoch < self->state.placement_epoch) return;  // an older map overtaken by a newer one
+    self->state.placement_epoch = map->epoch;
+    self->state.placed_experts.clear();
+    self->state.replicas.clear();
+    for (const auto& p : map->placements) {
+      for (const auto& r : p.replicas) {
+        if (r.shard_id == self->state.node_id) self->state.placed_experts.push_back(p.expert_id);
+        if (r.alive) self->state.replicas[p.expert_id].push_back(r.shard_id);
+      }
+    }
+    // A replica that left an expert's placement is seeded again should it come back (it may be behind).
+    for (auto& [expert, shards] : self->state.seeded) {
+      auto live = self->state.replicas.find(expert);
+      auto placed = [&](const std::string& shard) {
+        return live != self->state.replicas.end() &&
+               std::find(live->second.begin(), live->second.end(), shard) != live->second.end();
+      };
+      for (auto it = shards.begin(); it != shards.end();) it = placed(*it) ? std::next(it) : shards.erase(it);
+    }
+    // A backup that became the primary owns the deadline of a round its old primary opened.
+    const auto& policy = self->state.store->options().policy;
+    if (policy.name == "fedavg" && policy.round_deadline_ms > 0)
+      for (const auto& id : self->state.store->expert_ids())
+        if (const auto* e = self->state.store->find(id); e && leads(self, id) && !e->policy->pending().empty())
+          self->delayed_send(self, std::chrono::milliseconds(policy.round_deadline_ms), round_deadline_atom::value,
+                             id, e->weights.version);
+    seed_replicas(self);
+    return;
+  }
+  if (std::holds_alternative<net::HelloAck>(m.body)) return;
+  if (auto* rc = std::get_if<net::RoundClose>(&m.body)) {
+    if (const auto* primary = primary_of(self, rc->expert_id); !primary || *primary != m.sender_id)
+      return reply_error(self, m.correlation_id, "not_primary",
+                         "only the primary of '" + rc->expert_id + "' closes its rounds");
+    const auto* e = self->state.store->find(rc->expert_id);
+    if (!e || e->weights.version != rc->round_version || e->policy->pending().empty()) return;
+    try {
+      if (self->state.store->close_round(rc->expert_id))
+        spdlog::info("{}: round of '{}' closed by its primary: v{}", self->state.node_id, rc->expert_id,
+                     self->state.store->find(rc->expert_id)->weights.version);
+    } catch (const std::exception& ex) {
+      spdlog::error("{}: closing the round of '{}' failed: {}", self->state.node_id, rc->expert_id, ex.what());
+    }
+    return announce_versions(self);
+  }
+  if (std::holds_alternative<net::UpdateAck>(m.body)) return on_replica_answer(self, m, true, "");
+  if (auto* rej = std::get_if<net::UpdateReject>(&m.body))
+    return on_replica_answer(self, m, rej->reason == net::RejectReason::duplicate_update, rej->detail);
+  if (std::holds_alternative<net::SnapshotReceipt>(m.body)) {  // a seeded replica's receipt
+    self->state.seed_of.erase(m.correlation_id);
+    return;
+  }
+  if (auto* err = std::get_if<net::ErrorReply>(&m.body)) {  // never answer an error with an error
+    if (err->code == "not_a_member" && self->state.link) self->send(self->state.link, rejoin_atom::value);
+    if (auto seed = self->state.seed_of.find(m.correlation_id); seed != self->state.seed_of.end()) {
+      auto [expert, shard] = seed->second;
+      self->state.seed_of.erase(seed);
+      reseed(self, expert, shard, err->code + ": " + err->detail);
+    }
+    return;
+  }
+  if (auto* st = std::get_if<net::StatusRequest>(&m.body))
+    return reply(self, m.correlation_id, net::StatusReply{st->request_id, self->state.node_id, net::Role::shard,
+                                                          status_json(self)});
+  reply_error(self, m.correlation_id, "unsupported",
+              std::string("an expert shard does not handle ") + net::body_name(m.body) + " messages");
 }
 
 }  // namespace
@@ -252,24 +358,40 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
   self->state.membership = std::move(options.membership);
   self->state.membership.hello.node_id = self->state.node_id;
   self->state.membership.hello.role = net::Role::shard;
-  join(self, *self->state.transport, self->state.membership);
+  self->state.link = spawn_coordinator_link(self, self->state.transport, self->state.membership);
   self->set_down_handler([=](const caf::down_msg& down) {
     for (auto& [expert, subs] : self->state.subscribers)
       for (auto it = subs.begin(); it != subs.end();) it = it->address() == down.source ? subs.erase(it) : std::next(it);
   });
   return {
       [=](join_atom, caf::actor coordinator, std::string endpoint) {
-        self->state.membership.coordinator = std::move(coordinator);
-        self->state.membership.hello.endpoint = std::move(endpoint);
-        join(self, *self->state.transport, self->state.membership);
+        auto& st = self->state;
+        if (!st.link)
+          st.link = join_federation(self, st.transport, st.membership, std::move(coordinator), std::move(endpoint), "");
       },
-      [=](heartbeat_atom) {
-        send_heartbeat(self, *self->state.transport, self->state.membership,
-                       static_cast<float>(self->state.store->expert_ids().size()));
+      [=](join_atom, caf::actor coordinator, std::string endpoint, std::string coordinator_endpoint) {
+        auto& st = self->state;
+        if (!st.link)
+          st.link = join_federation(self, st.transport, st.membership, std::move(coordinator), std::move(endpoint),
+                                    std::move(coordinator_endpoint));
       },
+      [=](coordinator_atom, caf::actor coordinator) { self->state.membership.coordinator = std::move(coordinator); },
       [=](peer_atom, const std::string& shard, caf::actor handle) {
-        self->state.peers[shard] = std::move(handle);
+        auto& st = self->state;
+        auto& known = st.peers[shard];
+        const bool restarted = known && known != handle;
+        known = std::move(handle);
+        if (restarted)  // a restarted replica may be behind: it gets our snapshot again
+          for (auto& [expert, shards] : st.seeded) st.seeds_retried += shards.erase(shard);
         seed_replicas(self);
+      },
+      [=](seed_timeout_atom, uint64_t corr) {
+        auto& st = self->state;
+        auto seed = st.seed_of.find(corr);
+        if (seed == st.seed_of.end()) return;  // receipted
+        auto [expert, shard] = seed->second;
+        st.seed_of.erase(seed);
+        reseed(self, expert, shard, "no receipt within " + std::to_string(st.replication_timeout_ms) + " ms");
       },
       [=](replication_timeout_atom, uint64_t id) {
         if (!self->state.replications.count(id)) return;
@@ -302,72 +424,8 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
                            round_deadline_atom::value, expert_id, round_version);
       },
       [=](net::WireFrame& frame) {
-        auto received = self->state.transport->receive(self, frame);
-        if (!received) return;  // a bulk fetch is under way; the frame comes back when it is done
-        if (!*received) {
-          const auto& e = received->error();
-          return reply_error(self, 0, net::to_string(e.code), "rejected a message: " + e.detail);
-        }
-        const net::Message& m = received->value();
-        if (auto* snap = std::get_if<net::ExpertSnapshot>(&m.body)) {
-          on_snapshot(self, m, *snap);
-          return announce_versions(self);
-        }
-        if (auto* pull = std::get_if<net::SnapshotRequest>(&m.body)) return on_pull(self, m, *pull);
-        if (auto* push = std::get_if<net::UpdatePush>(&m.body)) {
-          on_update(self, m, *push);
-          return announce_versions(self);
-        }
-        if (auto* map = std::get_if<net::PlacementMap>(&m.body)) {
-          if (map->epoch < self->state.placement_epoch) return;  // an older map overtaken by a newer one
-          self->state.placement_epoch = map->epoch;
-          self->state.placed_experts.clear();
-          self->state.replicas.clear();
-          for (const auto& p : map->placements) {
-            for (const auto& r : p.replicas) {
-              if (r.shard_id == self->state.node_id) self->state.placed_experts.push_back(p.expert_id);
-              if (r.alive) self->state.replicas[p.expert_id].push_back(r.shard_id);
-            }
-          }
-          // A backup that became the primary owns the deadline of a round its old primary opened.
-          const auto& policy = self->state.store->options().policy;
-          if (policy.name == "fedavg" && policy.round_deadline_ms > 0)
-            for (const auto& id : self->state.store->expert_ids())
-              if (const auto* e = self->state.store->find(id); e && leads(self, id) && !e->policy->pending().empty())
-                self->delayed_send(self, std::chrono::milliseconds(policy.round_deadline_ms), round_deadline_atom::value,
-                                   id, e->weights.version);
-          seed_replicas(self);
-          return;
-        }
-        if (std::holds_alternative<net::HelloAck>(m.body)) return;
-        if (auto* rc = std::get_if<net::RoundClose>(&m.body)) {
-          if (const auto* primary = primary_of(self, rc->expert_id); !primary || *primary != m.sender_id)
-            return reply_error(self, m.correlation_id, "not_primary",
-                               "only the primary of '" + rc->expert_id + "' closes its rounds");
-          const auto* e = self->state.store->find(rc->expert_id);
-          if (!e || e->weights.version != rc->round_version || e->policy->pending().empty()) return;
-          try {
-            if (self->state.store->close_round(rc->expert_id))
-              spdlog::info("{}: round of '{}' closed by its primary: v{}", self->state.node_id, rc->expert_id,
-                           self->state.store->find(rc->expert_id)->weights.version);
-          } catch (const std::exception& ex) {
-            spdlog::error("{}: closing the round of '{}' failed: {}", self->state.node_id, rc->expert_id, ex.what());
-          }
-          return announce_versions(self);
-        }
-        if (std::holds_alternative<net::UpdateAck>(m.body)) return on_replica_answer(self, m, true, "");
-        if (auto* rej = std::get_if<net::UpdateReject>(&m.body))
-          return on_replica_answer(self, m, rej->reason == net::RejectReason::duplicate_update, rej->detail);
-        if (std::holds_alternative<net::SnapshotReceipt>(m.body)) return;  // a seeded replica's receipt
-        if (auto* err = std::get_if<net::ErrorReply>(&m.body)) {  // never answer an error with an error
-          if (err->code == "not_a_member") join(self, *self->state.transport, self->state.membership);
-          return;
-        }
-        if (auto* st = std::get_if<net::StatusRequest>(&m.body))
-          return reply(self, m.correlation_id, net::StatusReply{st->request_id, self->state.node_id, net::Role::shard,
-                                                                status_json(self)});
-        reply_error(self, m.correlation_id, "unsupported",
-                    std::string("an expert shard does not handle ") + net::body_name(m.body) + " messages");
+        dispatch(self, *self->state.transport, self->state.node_id, self->state.errors, frame,
+                 [&](const net::Message& m) { on_message(self, m); });
       },
   };
 }

@@ -27,6 +27,7 @@ struct ExpertShardState {
   std::shared_ptr<net::Transport> transport;
   std::unique_ptr<ExpertStore> store;
   Membership membership;
+  caf::actor link;  // to the coordinator: Hello, heartbeats, reconnection (actors/membership.hpp)
   uint64_t placement_epoch = 0;
   std::vector<std::string> placed_experts;  // what the coordinator's latest map puts on this shard
   // Replication: this shard is the primary of an expert when it is first among the expert's live
@@ -37,6 +38,11 @@ struct ExpertShardState {
   std::map<std::string, std::vector<std::string>> replicas;  // expert -> live shard ids, primary first
   std::map<std::string, caf::actor> peers;                   // shard id -> handle (from the coordinator)
   std::map<std::string, std::set<std::string>> seeded;      // expert -> replicas given our snapshot
+  // Seeds awaiting their receipt: correlation id -> (expert, replica). A seed refused or unanswered
+  // within replication_timeout_ms is sent again; so is one to a replica that restarted (a new
+  // handle), left the placement, or refused a forwarded update as out of order.
+  std::map<uint64_t, std::pair<std::string, std::string>> seed_of;
+  uint64_t seeds_sent = 0, seeds_retried = 0;
   struct Replication {  // one accepted update waiting for the replicas
     caf::actor worker;
     uint64_t worker_correlation = 0;

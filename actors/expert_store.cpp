@@ -10,12 +10,14 @@
 #include <filesystem>
 #include <fstream>
 #include <stdexcept>
+#include <tuple>
 #include <utility>
 
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
+#include "actors/durable_file.hpp"
 #include "actors/registry.hpp"
 #include "actors/tensor_bridge.hpp"
 #include "model/checkpoint.hpp"
@@ -74,7 +76,26 @@ struct LogRecord {
   std::vector<std::byte> payload;
 };
 
-// The valid records of a log and the byte length they span (a torn or corrupt tail ends it).
+// Whether a whole, valid record starts at bytes[pos].
+bool record_at(const std::vector<char>& bytes, size_t pos, RecordHeader* header = nullptr) {
+  RecordHeader h;
+  if (bytes.size() - pos < sizeof h) return false;
+  std::memcpy(&h, bytes.data() + pos, sizeof h);
+  if (h.magic != kLogMagic || (h.kind != kRecordUpdate && h.kind != kRecordRoundClosed)) return false;
+  if (h.size > bytes.size() - pos - sizeof h || bytes.size() - pos - sizeof h - h.size < sizeof(uint64_t)) return false;
+  const char* payload = bytes.data() + pos + sizeof h;
+  uint64_t stored;
+  std::memcpy(&stored, payload + h.size, sizeof stored);
+  uint64_t sum = net::checksum(&h, sizeof h);
+  sum = net::checksum(payload, h.size, sum);
+  if (sum != stored) return false;
+  if (header) *header = h;
+  return true;
+}
+
+// The valid records of a log and the byte length they span. A torn or corrupt tail ends it (a crash
+// mid-write: never acknowledged); a damaged record followed by a valid one is an error, since the
+// records after it were acknowledged and must not be dropped.
 std::vector<LogRecord> read_log(const fs::path& path, uint64_t* good_bytes, std::string* problem) {
   std::vector<LogRecord> out;
   *good_bytes = 0;
@@ -84,32 +105,20 @@ std::vector<LogRecord> read_log(const fs::path& path, uint64_t* good_bytes, std:
   size_t pos = 0;
   while (pos < bytes.size()) {
     RecordHeader h;
-    if (bytes.size() - pos < sizeof h) {
-      *problem = "a truncated record header at byte " + std::to_string(pos);
-      break;
-    }
-    std::memcpy(&h, bytes.data() + pos, sizeof h);
-    if (h.magic != kLogMagic || (h.kind != kRecordUpdate && h.kind != kRecordRoundClosed)) {
-      *problem = "no record at byte " + std::to_string(pos);
-      break;
-    }
-    if (h.size > bytes.size() - pos - sizeof h || bytes.size() - pos - sizeof h - h.size < sizeof(uint64_t)) {
-      *problem = "a truncated record at byte " + std::to_string(pos);
+    if (!record_at(bytes, pos, &h)) {
+      *problem = "a torn or damaged record at byte " + std::to_string(pos);
+      for (size_t later = pos + 1; later + sizeof(RecordHeader) <= bytes.size(); ++later)
+        if (record_at(bytes, later))
+          throw std::runtime_error(path.string() + ": a damaged record at byte " + std::to_string(pos) +
+                                   " is followed by a valid one at byte " + std::to_string(later) +
+                                   "; refusing to drop acknowledged updates (the disk corrupted the log)");
       break;
     }
     const char* payload = bytes.data() + pos + sizeof h;
-    uint64_t stored;
-    std::memcpy(&stored, payload + h.size, sizeof stored);
-    uint64_t sum = net::checksum(&h, sizeof h);
-    sum = net::checksum(payload, h.size, sum);
-    if (sum != stored) {
-      *problem = "a checksum mismatch at byte " + std::to_string(pos);
-      break;
-    }
     LogRecord r{h.kind, h.pre_version, std::vector<std::byte>(h.size)};
     std::memcpy(r.payload.data(), payload, h.size);
     out.push_back(std::move(r));
-    pos += sizeof h + h.size + sizeof stored;
+    pos += sizeof h + h.size + sizeof(uint64_t);
     *good_bytes = pos;
   }
   return out;
@@ -170,10 +179,8 @@ ExpertStore::ExpertStore(ExpertStoreOptions options) : options_(std::move(option
 }
 
 ExpertStore::~ExpertStore() {
-  for (auto& [id, e] : experts_) {
+  for (auto& [id, e] : experts_)
     if (e.log_fd >= 0) ::close(e.log_fd);
-    if (e.ids_fd >= 0) ::close(e.ids_fd);
-  }
 }
 
 const HostedExpert* ExpertStore::find(const std::string& expert_id) const {
@@ -212,6 +219,10 @@ net::SnapshotReceipt ExpertStore::receipt_of(const HostedExpert& e) const {
           checksum_of(e)};
 }
 
+void ExpertStore::remember(HostedExpert& e, const std::string& update_id) {
+  if (e.seen.insert(update_id).second) e.seen_order.push_back(update_id);
+}
+
 net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
   const auto& id = snap.spec.expert_id;
   if (!options_.state_dir.empty() && !safe_dir_name(id))
@@ -229,14 +240,16 @@ net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
     weights.emplace(t.name, from_wire(t));
   }
   HostedExpert fresh;
-  if (it != experts_.end()) {  // a newer version of a hosted expert: keep its ids, counters and files
-    fresh.seen = std::move(it->second.seen);
+  if (it != experts_.end()) {  // a newer version of a hosted expert: keep its ids and counters (copies, so
+                               // that a failed write below leaves the hosted expert as it was)
+    fresh.seen = it->second.seen;
+    fresh.seen_order = it->second.seen_order;
     fresh.accepted = it->second.accepted;
-    fresh.rejected = std::move(it->second.rejected);
-    fresh.staleness_histogram = std::move(it->second.staleness_histogram);
-    fresh.workers = std::move(it->second.workers);
-    fresh.log_fd = std::exchange(it->second.log_fd, -1);
-    fresh.ids_fd = std::exchange(it->second.ids_fd, -1);
+    fresh.rejected = it->second.rejected;
+    fresh.staleness_histogram = it->second.staleness_histogram;
+    fresh.workers = it->second.workers;
+    fresh.storage_errors = it->second.storage_errors;
+    fresh.snapshot_failures = it->second.snapshot_failures;
   }
   fresh.spec = snap.spec;
   fresh.weights.version = snap.version;
@@ -244,22 +257,17 @@ net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
   fresh.policy = model::make_policy(options_.policy);
   fresh.published = snap;
   fresh.published.seen_update_ids.clear();  // pulls carry weights only
-  std::vector<std::string> new_ids;
-  for (const auto& id_seen : snap.seen_update_ids)
-    if (fresh.seen.insert(id_seen).second) new_ids.push_back(id_seen);
+  for (const auto& id_seen : snap.seen_update_ids) remember(fresh, id_seen);
   fresh.published_checksum = net::checksum(snap.tensors);
   for (const auto& t : snap.tensors) fresh.published_bytes += t.size_bytes;
   fresh.history.emplace_back(snap.version, std::move(weights));
-  auto& e = experts_[id] = std::move(fresh);
   if (!options_.state_dir.empty()) {
-    write_snapshot(id, e);
-    open_files(id, e, /*truncate_log=*/true);
-    std::string lines;
-    for (const auto& seen_id : new_ids) lines += seen_id + "\n";
-    write_all(e.ids_fd, lines.data(), lines.size(), "the update ids of " + id);
-    if (options_.fsync && !lines.empty() && ::fdatasync(e.ids_fd) != 0)
-      throw std::runtime_error("cannot flush the update ids of " + id + ": " + errno_text());
+    // Durable before it is hosted: the snapshot (with the ids it carries), then an empty log.
+    write_snapshot(id, fresh);
+    if (it != experts_.end()) fresh.log_fd = std::exchange(it->second.log_fd, -1);
+    open_files(id, fresh, /*truncate_log=*/true);
   }
+  auto& e = experts_[id] = std::move(fresh);
   return receipt_of(e);
 }
 
@@ -274,6 +282,7 @@ PushResult ExpertStore::push(const net::UpdatePush& u) {
     return r;
   }
   auto& e = it->second;
+  if (!e.failed.empty()) throw StorageError(e.failed);
   if (e.seen.count(u.update_id))
     return refused(e, u, net::RejectReason::duplicate_update,
                    "update '" + u.update_id + "' was already accepted; it is not applied twice");
@@ -298,21 +307,21 @@ PushResult ExpertStore::fold(HostedExpert& e, const net::UpdatePush& u, bool rep
   const uint64_t pre_version = e.weights.version;
   auto outcome = e.policy->submit(e.weights, cu, base);
   if (!outcome.accepted()) return refused(e, u, wire_reason(outcome.reason), outcome.detail);
-
-  PushResult r;
-  r.ack.expert_id = u.expert_id;
-  r.ack.update_id = u.update_id;
-  e.seen.insert(u.update_id);
+  // Write-ahead: the new version (or the buffered update) is in memory but published nowhere yet; it
+  // becomes visible only once its record is on disk. A failed write restores the expert (and throws).
   if (!replaying && e.log_fd >= 0) {
     net::Message m;
     m.body = u;
     auto encoded = net::encode(m);
     std::vector<std::byte> payload(encoded.size_bytes());
     encoded.copy_to(payload.data());
-    append_record(e.log_fd, kRecordUpdate, pre_version, payload, options_.fsync, "the update log of " + u.expert_id);
-    std::string line = u.update_id + "\n";
-    write_all(e.ids_fd, line.data(), line.size(), "the update ids of " + u.expert_id);
+    log_record(e, kRecordUpdate, pre_version, payload);
   }
+
+  PushResult r;
+  r.ack.expert_id = u.expert_id;
+  r.ack.update_id = u.update_id;
+  remember(e, u.update_id);
   ++e.accepted;
   ++e.staleness_histogram[outcome.staleness];
   auto& w = e.workers[u.worker_id];
@@ -334,13 +343,51 @@ bool ExpertStore::close_round(const std::string& expert_id) {
   auto it = experts_.find(expert_id);
   if (it == experts_.end()) return false;
   auto& e = it->second;
+  if (!e.failed.empty()) throw StorageError(e.failed);
   const uint64_t pre_version = e.weights.version;
   auto outcome = e.policy->on_deadline(e.weights);
   if (outcome.verdict != model::Outcome::Verdict::applied) return false;
-  if (e.log_fd >= 0)
-    append_record(e.log_fd, kRecordRoundClosed, pre_version, {}, options_.fsync, "the update log of " + expert_id);
+  if (e.log_fd >= 0) log_record(e, kRecordRoundClosed, pre_version, {});
   after_apply(e);
   return true;
+}
+
+void ExpertStore::log_record(HostedExpert& e, uint32_t kind, uint64_t pre_version, const std::vector<std::byte>& payload) {
+  const std::string expert_id = e.spec.expert_id;
+  const std::string what = "the update log of " + expert_id;
+  const off_t before = ::lseek(e.log_fd, 0, SEEK_END);
+  try {
+    if (before < 0) throw std::runtime_error("cannot find the end of " + what + ": " + errno_text());
+    append_record(e.log_fd, kind, pre_version, payload, options_.fsync, what);
+    return;
+  } catch (const std::exception& ex) {
+    const std::string why = ex.what();
+    ++e.storage_errors;
+    // Cut the partial record back off (ftruncate frees blocks, so it works on a full disk) and reload
+    // the expert from what the disk holds: memory then matches the durable, acknowledged state.
+    if (before < 0 || ::ftruncate(e.log_fd, before) != 0 || (options_.fsync && ::fdatasync(e.log_fd) != 0)) {
+      e.failed = "expert '" + expert_id + "' takes no more updates until the shard restarts: " + why +
+                 ", and the partial record could not be cut off the log (" + errno_text() + ")";
+      spdlog::error("{}", e.failed);
+      throw StorageError(e.failed);
+    }
+    const auto counters = std::make_tuple(e.accepted, e.versions_applied, e.rejected, e.staleness_histogram, e.workers,
+                                          e.storage_errors, e.snapshot_failures);
+    try {
+      auto reloaded = load(expert_id);
+      ::close(e.log_fd);
+      e = std::move(reloaded);
+      std::tie(e.accepted, e.versions_applied, e.rejected, e.staleness_histogram, e.workers, e.storage_errors,
+               e.snapshot_failures) = counters;
+      open_files(expert_id, e, /*truncate_log=*/false);
+    } catch (const std::exception& reload) {
+      e.failed = "expert '" + expert_id + "' takes no more updates until the shard restarts: " + why +
+                 ", and reloading it failed: " + reload.what();
+      spdlog::error("{}", e.failed);
+      throw StorageError(e.failed);
+    }
+    throw StorageError(why + " (nothing applied; the expert stays at v" + std::to_string(e.weights.version) + ")");
+  }
 }
 
 void ExpertStore::after_apply(HostedExpert& e) {
@@ -348,31 +395,58 @@ void ExpertStore::after_apply(HostedExpert& e) {
   publish(e);
   if (e.log_fd >= 0 && e.weights.version - e.snapshot_version >= std::max<uint64_t>(options_.snapshot_every, 1) &&
       e.policy->pending().empty()) {
-    write_snapshot(e.spec.expert_id, e);
+    // The version is durable in the log already: a snapshot that cannot be written (a full disk) is
+    // not the update's failure. The log keeps growing and the next version tries again.
+    try {
+      write_snapshot(e.spec.expert_id, e);
+    } catch (const std::exception& ex) {
+      ++e.snapshot_failures;
+      spdlog::warn("expert '{}': snapshot at v{} not written ({}); the log keeps every update", e.spec.expert_id,
+                   e.weights.version, ex.what());
+      return;
+    }
     // Every logged record is folded into the snapshot now (nothing is pending): start the log over.
-    if (::ftruncate(e.log_fd, 0) != 0) throw std::runtime_error("cannot restart the update log: " + errno_text());
+    if (::ftruncate(e.log_fd, 0) != 0)
+      spdlog::warn("expert '{}': cannot restart the update log: {}", e.spec.expert_id, errno_text());
   }
 }
 
 void ExpertStore::write_snapshot(const std::string& expert_id, HostedExpert& e) {
   auto dir = fs::path(options_.state_dir) / expert_id;
-  fs::create_directories(dir);
+  if (!fs::exists(dir)) {
+    fs::create_directories(dir);
+    fsync_dir(dir.parent_path());
+  }
+  // The id window first: with the snapshot's records still in the log, a crash between the two files
+  // loses no id (recovery takes the ids of every record in the log, replayed or not).
+  write_ids(expert_id, e);
   model::write_safetensors((dir / "snapshot.safetensors").string(), e.weights.weights,
                            {{"fedmoe.version", std::to_string(e.weights.version)},
                             {"fedmoe.spec", expert_spec_to_json(e.spec).dump()}});
   e.snapshot_version = e.weights.version;
 }
 
-void ExpertStore::open_files(const std::string& expert_id, HostedExpert& e, bool truncate_log) {
-  auto dir = fs::path(options_.state_dir) / expert_id;
-  if (e.log_fd < 0) e.log_fd = ::open((dir / "updates.log").c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-  if (e.ids_fd < 0) e.ids_fd = ::open((dir / "update_ids").c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-  if (e.log_fd < 0 || e.ids_fd < 0) throw std::runtime_error("cannot open the files of " + dir.string() + ": " + errno_text());
-  if (truncate_log && ::ftruncate(e.log_fd, 0) != 0)
-    throw std::runtime_error("cannot restart " + (dir / "updates.log").string() + ": " + errno_text());
+void ExpertStore::write_ids(const std::string& expert_id, HostedExpert& e) {
+  while (e.seen_order.size() > std::max<uint64_t>(options_.id_retention, 1)) {
+    e.seen.erase(e.seen_order.front());
+    e.seen_order.pop_front();
+  }
+  std::string lines;
+  for (const auto& id : e.seen_order) lines += id + "\n";
+  write_file_durably(fs::path(options_.state_dir) / expert_id / "update_ids", lines);
 }
 
-void ExpertStore::recover(const std::string& expert_id) {
+void ExpertStore::open_files(const std::string& expert_id, HostedExpert& e, bool truncate_log) {
+  auto dir = fs::path(options_.state_dir) / expert_id;
+  const bool existed = fs::exists(dir / "updates.log");
+  if (e.log_fd < 0) e.log_fd = ::open((dir / "updates.log").c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (e.log_fd < 0) throw std::runtime_error("cannot open " + (dir / "updates.log").string() + ": " + errno_text());
+  if (truncate_log && ::ftruncate(e.log_fd, 0) != 0)
+    throw std::runtime_error("cannot restart " + (dir / "updates.log").string() + ": " + errno_text());
+  if (!existed) fsync_dir(dir);
+}
+
+HostedExpert ExpertStore::load(const std::string& expert_id) {
   auto dir = fs::path(options_.state_dir) / expert_id;
   auto snapshot_path = dir / "snapshot.safetensors";
   HostedExpert e;
@@ -393,15 +467,15 @@ void ExpertStore::recover(const std::string& expert_id) {
   {
     std::ifstream ids(dir / "update_ids");
     for (std::string line; std::getline(ids, line);)
-      if (!line.empty()) e.seen.insert(line);
+      if (!line.empty()) remember(e, line);
   }
   uint64_t good = 0;
   std::string problem;
   auto records = read_log(dir / "updates.log", &good, &problem);
   size_t replayed = 0;
   for (const auto& rec : records) {
-    if (rec.pre_version < e.snapshot_version) continue;  // folded into the snapshot already
     if (rec.kind == kRecordRoundClosed) {
+      if (rec.pre_version < e.snapshot_version) continue;  // folded into the snapshot already
       if (e.policy->on_deadline(e.weights).verdict == model::Outcome::Verdict::applied) {
         ++e.versions_applied;
         publish(e);
@@ -411,9 +485,10 @@ void ExpertStore::recover(const std::string& expert_id) {
     }
     auto decoded = net::decode_copy(rec.payload.data(), rec.payload.size());
     const net::UpdatePush* u = decoded ? std::get_if<net::UpdatePush>(&decoded->body) : nullptr;
-    if (!u) {
-      problem = "an undecodable record";
-      break;
+    if (!u) throw std::runtime_error((dir / "updates.log").string() + ": a record that does not decode");
+    if (rec.pre_version < e.snapshot_version) {  // in the snapshot already; its id still counts
+      remember(e, u->update_id);
+      continue;
     }
     auto r = fold(e, *u, /*replaying=*/true);
     if (!r.accepted) spdlog::warn("{}: replaying update '{}' was refused: {}", dir.string(), u->update_id, r.reject.detail);
@@ -421,11 +496,16 @@ void ExpertStore::recover(const std::string& expert_id) {
   }
   if (!problem.empty()) {
     spdlog::warn("{}: the update log ends in {}; the unacknowledged tail is dropped", dir.string(), problem);
-    ::truncate((dir / "updates.log").c_str(), static_cast<off_t>(good));
+    if (::truncate((dir / "updates.log").c_str(), static_cast<off_t>(good)) != 0)
+      throw std::runtime_error("cannot cut the torn tail off " + (dir / "updates.log").string() + ": " + errno_text());
   }
-  spdlog::info("{}: recovered expert '{}' at version {} (snapshot v{}, {} logged records replayed)", dir.string(),
+  spdlog::info("{}: loaded expert '{}' at version {} (snapshot v{}, {} logged records replayed)", dir.string(),
                expert_id, e.weights.version, e.snapshot_version, replayed);
-  auto& slot = experts_[expert_id] = std::move(e);
+  return e;
+}
+
+void ExpertStore::recover(const std::string& expert_id) {
+  auto& slot = experts_[expert_id] = load(expert_id);
   open_files(expert_id, slot, /*truncate_log=*/false);
 }
 
@@ -455,7 +535,11 @@ json ExpertStore::status() const {
                        {"rejected", e.rejected},
                        {"staleness_histogram", hist},
                        {"workers", workers},
-                       {"snapshot_version", e.snapshot_version}});
+                       {"snapshot_version", e.snapshot_version},
+                       {"retained_update_ids", e.seen.size()},
+                       {"storage_errors", e.storage_errors},
+                       {"snapshot_failures", e.snapshot_failures},
+                       {"failed", e.failed}});
   }
   return experts;
 }

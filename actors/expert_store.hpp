@@ -7,12 +7,21 @@
 //
 // Durability, with a state directory: per expert DIR/<expert>/snapshot.safetensors (weights, with
 // version and spec in the metadata), DIR/<expert>/updates.log (every update accepted since that
-// snapshot, as the encoded UpdatePush with a checksum, flushed to disk before push() returns, i.e.
-// before the worker is acknowledged) and DIR/<expert>/update_ids (all accepted ids). A new store on
-// the same directory replays the log through the same policy and reaches exactly the acknowledged
-// state, buffered FedAvg/FedBuff updates included; a torn last record (a crash mid-write) is dropped,
-// since it was never acknowledged. Snapshots are rewritten every `snapshot_every` versions, when no
-// update is pending, and the log restarts.
+// snapshot, as the encoded UpdatePush with a checksum) and DIR/<expert>/update_ids (the window of
+// recently accepted ids as of the snapshot; the log's records carry the newer ones). An update is
+// folded into a new version, appended to the log and flushed, and only then published (pulls, acks):
+// write-ahead, as etcd's WAL. A write that fails (ENOSPC, EIO) is cut back off the log and the expert
+// is reloaded from what the disk holds, so the store is as it was and push() throws StorageError; if
+// even the cut fails the expert stops taking updates until a restart (fail-stop). A new store on the
+// same directory replays the log through the same policy and reaches exactly the acknowledged state,
+// buffered FedAvg/FedBuff updates included; a torn last record (a crash mid-write) is dropped, since it
+// was never acknowledged, but a damaged record with valid ones after it is an error: recovery never
+// drops an acknowledged record. Snapshots are rewritten every `snapshot_every` versions, when no update
+// is pending, and the log restarts; a snapshot that cannot be written is retried at the next version
+// (the log still holds everything). Files and directories are fsynced when created or renamed.
+//
+// Duplicate detection works within a bounded window: the `id_retention` most recent ids are kept
+// (and persisted, and handed to seeded replicas), older ones are forgotten when a snapshot is taken.
 #pragma once
 
 #include <cstdint>
@@ -21,6 +30,7 @@
 #include <memory>
 #include <optional>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -37,6 +47,12 @@ struct ExpertStoreOptions {
   uint64_t history_versions = 4;   // versions kept for FedAsync's base weights
   uint64_t snapshot_every = 16;    // versions between snapshots; the log covers the rest
   bool fsync = true;               // flush each accepted update to disk before acknowledging it
+  uint64_t id_retention = 65536;   // accepted update ids remembered for duplicate detection (at least)
+};
+
+// The store could not make an update durable (a full disk, an I/O error): nothing was applied.
+struct StorageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
 };
 
 struct PushResult {
@@ -62,7 +78,8 @@ struct HostedExpert {
   net::ExpertSnapshot published;                     // the current version for pulls; never changes after publishing
   mutable std::optional<uint64_t> published_checksum;  // of `published`, computed on demand
   uint64_t published_bytes = 0;
-  std::set<std::string> seen;                        // accepted update ids
+  std::set<std::string> seen;                        // accepted update ids (the retained window)
+  std::deque<std::string> seen_order;                // the same ids, oldest first (for pruning)
   // counters
   uint64_t accepted = 0, versions_applied = 0;
   std::map<std::string, uint64_t> rejected;          // by reason
@@ -71,7 +88,8 @@ struct HostedExpert {
   // durability
   uint64_t snapshot_version = 0;
   int log_fd = -1;
-  int ids_fd = -1;
+  uint64_t storage_errors = 0, snapshot_failures = 0;
+  std::string failed;  // not empty: the log could not be restored after a write error; no more updates
 };
 
 class ExpertStore {
@@ -89,10 +107,11 @@ class ExpertStore {
   net::SnapshotReceipt install(const net::ExpertSnapshot& snapshot);
 
   // Validates and folds one update. Unknown expert, repeated update id, and everything the policy
-  // refuses come back as a reject with reason and detail; nothing throws on a peer's input.
+  // refuses come back as a reject with reason and detail; nothing throws on a peer's input. Throws
+  // StorageError when the update cannot be made durable (the store is then as it was before).
   PushResult push(const net::UpdatePush& update);
 
-  // FedAvg's round deadline for `expert_id`; true when a round closed.
+  // FedAvg's round deadline for `expert_id`; true when a round closed. Throws StorageError like push.
   bool close_round(const std::string& expert_id);
 
   bool contains(const std::string& expert_id) const { return experts_.count(expert_id) > 0; }
@@ -108,7 +127,12 @@ class ExpertStore {
   void after_apply(HostedExpert& e);
   void open_files(const std::string& expert_id, HostedExpert& e, bool truncate_log);
   void write_snapshot(const std::string& expert_id, HostedExpert& e);
-  void append_log(HostedExpert& e, const net::UpdatePush& update, uint64_t pre_version);
+  void write_ids(const std::string& expert_id, HostedExpert& e);
+  void remember(HostedExpert& e, const std::string& update_id);
+  // Appends a record to the expert's log and flushes it; on failure cuts it back off, reloads the
+  // expert from disk and throws StorageError.
+  void log_record(HostedExpert& e, uint32_t kind, uint64_t pre_version, const std::vector<std::byte>& payload);
+  HostedExpert load(const std::string& expert_id);
   void recover(const std::string& expert_id);
   PushResult fold(HostedExpert& e, const net::UpdatePush& update, bool replaying);
 

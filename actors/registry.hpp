@@ -58,6 +58,7 @@ class Registry {
   std::vector<std::string> replicas_of(const std::string& expert_id) const;
   std::optional<std::string> assignment_of(const std::string& worker_id) const;
   uint64_t epoch() const { return epoch_; }
+  void advance_epoch() { ++epoch_; }  // a restarted coordinator's first epoch is newer than any it sent
   const Options& options() const { return options_; }
 
   nlohmann::json to_json() const;

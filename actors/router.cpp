@@ -11,9 +11,11 @@
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
+#include "actors/dispatch.hpp"
 #include "actors/tensor_bridge.hpp"
 #include "actors/worker.hpp"
 #include "model/errors.hpp"
+#include "net/text.hpp"
 
 namespace fedmoe::actors {
 
@@ -101,7 +103,7 @@ void fail_generation(Self* self, uint64_t gid, const std::string& error) {
   reply.choices = p.choices;
   reply.combine = p.combine;
   send_to(self, p.client, p.client_correlation, reply);
-  record(self, {p.request.request_id, p.request.prompt.substr(0, 80), p.choices, p.combine, error, 0, 0});
+  record(self, {p.request.request_id, net::utf8_head(p.request.prompt, 80), p.choices, p.combine, error, 0, 0});
   for (const auto& f : p.fetches) self->state.fetch_of.erase(f.correlation);
   self->state.pending.erase(it);
 }
@@ -160,7 +162,7 @@ void run_generation(Self* self, uint64_t gid) {
                                                                : std::to_string(reply.experts.size()) + " expert versions",
                p.combine, fetch_seconds, gen_seconds);
   send_to(self, p.client, p.client_correlation, reply);
-  record(self, {p.request.request_id, p.request.prompt.substr(0, 80), p.choices, p.combine, "", fetch_seconds, gen_seconds});
+  record(self, {p.request.request_id, net::utf8_head(p.request.prompt, 80), p.choices, p.combine, "", fetch_seconds, gen_seconds});
   st.pending.erase(it);
 }
 
@@ -344,27 +346,67 @@ std::string status_json(Self* self) {
   nlohmann::json rules = nlohmann::json::array();
   if (st.options.rules)
     for (const auto& r : st.options.rules->rules()) rules.push_back(r.text);
-  return nlohmann::json{{"node_id", st.options.node_id},
-                        {"role", "router"},
-                        {"routing", st.options.routing},
-                        {"combine", st.options.combine},
-                        {"rules", rules},
-                        {"learned_experts", st.options.learned ? st.options.learned->experts() : std::vector<std::string>{}},
-                        {"placement_epoch", st.placement_epoch},
-                        {"placement", st.placement},
-                        {"expert_versions", versions},
-                        {"replicas", replicas},
-                        {"generations", st.generations},
-                        {"failed_generations", st.failed_generations},
-                        {"fetches", st.fetches},
-                        {"cache_hits", st.cache_hits},
-                        {"failovers", st.failovers},
-                        {"version_notices", st.notices},
-                        {"attached_adapters", st.options.server->adapters()},
-                        {"routed", st.routed},
-                        {"errors", st.errors},
-                        {"recent", recent}}
-      .dump();
+  const nlohmann::json j{{"node_id", st.options.node_id},
+                         {"role", "router"},
+                         {"routing", st.options.routing},
+                         {"combine", st.options.combine},
+                         {"rules", rules},
+                         {"learned_experts", st.options.learned ? st.options.learned->experts() : std::vector<std::string>{}},
+                         {"placement_epoch", st.placement_epoch},
+                         {"placement", st.placement},
+                         {"expert_versions", versions},
+                         {"replicas", replicas},
+                         {"generations", st.generations},
+                         {"failed_generations", st.failed_generations},
+                         {"fetches", st.fetches},
+                         {"cache_hits", st.cache_hits},
+                         {"failovers", st.failovers},
+                         {"version_notices", st.notices},
+                         {"attached_adapters", st.options.server->adapters()},
+                         {"routed", st.routed},
+                         {"errors", st.errors},
+                         {"recent", recent}};
+  return json_text(j);
+}
+
+
+// Every message a client, a shard or the coordinator sends to the router.
+void on_message(Self* self, const net::Message& m) {
+  auto& st = self->state;
+  if (auto* req = std::get_if<net::GenerateRequest>(&m.body)) return on_generate(self, m, *req);
+  if (auto* req = std::get_if<net::RouteRequest>(&m.body)) return on_route(self, m, *req);
+  if (auto* snap = std::get_if<net::ExpertSnapshot>(&m.body)) return on_snapshot(self, m, *snap);
+  if (auto* n = std::get_if<net::VersionNotice>(&m.body)) {
+    ++st.notices;
+    auto& v = st.versions[n->expert_id][n->shard_id.empty() ? m.sender_id : n->shard_id];
+    v = std::max(v, n->version);
+    return;
+  }
+  if (auto* map = std::get_if<net::PlacementMap>(&m.body)) {
+    if (map->epoch < st.placement_epoch) return;
+    st.placement_epoch = map->epoch;
+    st.placement.clear();
+    for (const auto& p : map->placements) {
+      auto& live = st.placement[p.expert_id];
+      for (const auto& r : p.replicas)
+        if (r.alive) live.push_back(r.shard_id);
+    }
+    return;
+  }
+  if (auto* req = std::get_if<net::StatusRequest>(&m.body))
+    return send_to(self, caf::actor_cast<caf::actor>(self->current_sender()), m.correlation_id,
+                   net::StatusReply{req->request_id, st.options.node_id, net::Role::router, status_json(self)});
+  if (std::holds_alternative<net::HelloAck>(m.body)) return;
+  if (auto* err = std::get_if<net::ErrorReply>(&m.body)) {  // never answer an error with an error
+    if (err->code == "not_a_member" && st.link) return self->send(st.link, rejoin_atom::value);
+    auto at = st.fetch_of.find(m.correlation_id);
+    if (at != st.fetch_of.end()) return fetch_failed(self, at->second.first, at->second.second, err->code + ": " + err->detail);
+    ++st.errors["peer_error:" + err->code];
+    return;
+  }
+  ++st.errors["unsupported"];
+  send_to(self, caf::actor_cast<caf::actor>(self->current_sender()), m.correlation_id,
+          net::ErrorReply{"unsupported", std::string("a router does not handle ") + net::body_name(m.body) + " messages"});
 }
 
 }  // namespace
@@ -387,16 +429,21 @@ caf::behavior router(Self* self, std::shared_ptr<net::Transport> transport, Rout
   auto& mem = st.options.membership;
   mem.hello.node_id = st.options.node_id;
   mem.hello.role = net::Role::router;
-  join(self, *st.transport, mem);
+  st.link = spawn_coordinator_link(self, st.transport, mem);
   return {
       [=](join_atom, caf::actor coordinator, std::string endpoint) {
-        self->state.options.membership.coordinator = std::move(coordinator);
-        self->state.options.membership.hello.endpoint = std::move(endpoint);
-        join(self, *self->state.transport, self->state.options.membership);
+        auto& st = self->state;
+        if (!st.link)
+          st.link = join_federation(self, st.transport, st.options.membership, std::move(coordinator), std::move(endpoint), "");
       },
-      [=](heartbeat_atom) {
-        send_heartbeat(self, *self->state.transport, self->state.options.membership,
-                       static_cast<float>(self->state.pending.size()));
+      [=](join_atom, caf::actor coordinator, std::string endpoint, std::string coordinator_endpoint) {
+        auto& st = self->state;
+        if (!st.link)
+          st.link = join_federation(self, st.transport, st.options.membership, std::move(coordinator), std::move(endpoint),
+                                    std::move(coordinator_endpoint));
+      },
+      [=](coordinator_atom, caf::actor coordinator) {
+        self->state.options.membership.coordinator = std::move(coordinator);
       },
       [=](peer_atom, const std::string& shard, caf::actor handle) { self->state.shards[shard] = std::move(handle); },
       [=](fetch_timeout_atom, uint64_t correlation) {
@@ -406,50 +453,8 @@ caf::behavior router(Self* self, std::shared_ptr<net::Transport> transport, Rout
                      "no answer within " + std::to_string(self->state.options.reply_timeout_ms) + " ms");
       },
       [=](net::WireFrame& frame) {
-        auto& st = self->state;
-        auto received = st.transport->receive(self, frame);
-        if (!received) return;
-        if (!*received) {
-          ++st.errors[net::to_string(received->error().code)];
-          spdlog::warn("{}: bad message: {}", st.options.node_id, received->error().message());
-          return send_to(self, caf::actor_cast<caf::actor>(self->current_sender()), 0,
-                         net::ErrorReply{net::to_string(received->error().code), received->error().detail});
-        }
-        const net::Message& m = received->value();
-        if (auto* req = std::get_if<net::GenerateRequest>(&m.body)) return on_generate(self, m, *req);
-        if (auto* req = std::get_if<net::RouteRequest>(&m.body)) return on_route(self, m, *req);
-        if (auto* snap = std::get_if<net::ExpertSnapshot>(&m.body)) return on_snapshot(self, m, *snap);
-        if (auto* n = std::get_if<net::VersionNotice>(&m.body)) {
-          ++st.notices;
-          auto& v = st.versions[n->expert_id][n->shard_id.empty() ? m.sender_id : n->shard_id];
-          v = std::max(v, n->version);
-          return;
-        }
-        if (auto* map = std::get_if<net::PlacementMap>(&m.body)) {
-          if (map->epoch < st.placement_epoch) return;
-          st.placement_epoch = map->epoch;
-          st.placement.clear();
-          for (const auto& p : map->placements) {
-            auto& live = st.placement[p.expert_id];
-            for (const auto& r : p.replicas)
-              if (r.alive) live.push_back(r.shard_id);
-          }
-          return;
-        }
-        if (auto* req = std::get_if<net::StatusRequest>(&m.body))
-          return send_to(self, caf::actor_cast<caf::actor>(self->current_sender()), m.correlation_id,
-                         net::StatusReply{req->request_id, st.options.node_id, net::Role::router, status_json(self)});
-        if (std::holds_alternative<net::HelloAck>(m.body)) return;
-        if (auto* err = std::get_if<net::ErrorReply>(&m.body)) {  // never answer an error with an error
-          if (err->code == "not_a_member") return join(self, *st.transport, st.options.membership);
-          auto at = st.fetch_of.find(m.correlation_id);
-          if (at != st.fetch_of.end()) return fetch_failed(self, at->second.first, at->second.second, err->code + ": " + err->detail);
-          ++st.errors["peer_error:" + err->code];
-          return;
-        }
-        ++st.errors["unsupported"];
-        send_to(self, caf::actor_cast<caf::actor>(self->current_sender()), m.correlation_id,
-                net::ErrorReply{"unsupported", std::string("a router does not handle ") + net::body_name(m.body) + " messages"});
+        dispatch(self, *self->state.transport, self->state.options.node_id, self->state.errors, frame,
+                 [&](const net::Message& m) { on_message(self, m); });
       },
   };
 }

@@ -83,6 +83,7 @@ struct RouterState {
   std::map<std::string, caf::actor> shards;                  // shard id -> handle
   std::map<std::string, std::vector<std::string>> placement; // expert -> live shard ids
   uint64_t placement_epoch = 0;
+  caf::actor link;                                           // to the coordinator (actors/membership.hpp)
   std::map<std::string, ReplicaHealth> health;               // by shard id
   std::map<std::string, std::map<std::string, uint64_t>> versions;  // expert -> shard -> newest version known
 

@@ -11,8 +11,10 @@
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
+#include "actors/dispatch.hpp"
 #include "actors/tensor_bridge.hpp"
 #include "model/errors.hpp"
+#include "net/random_id.hpp"
 
 namespace fedmoe::actors {
 
@@ -21,6 +23,7 @@ namespace {
 using Self = caf::stateful_actor<WorkerState>;
 using pull_atom = caf::atom_constant<caf::atom("pull")>;
 using reply_timeout_atom = caf::atom_constant<caf::atom("rtimeout")>;
+using push_again_atom = caf::atom_constant<caf::atom("pushagain")>;
 
 // Simulated network latency: this actor runs detached, so sleeping only delays this worker.
 void network_delay(Self* self) {
@@ -161,7 +164,8 @@ void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& s
   net::UpdatePush u;
   u.expert_id = snap.spec.expert_id;
   u.worker_id = st.options.worker_id;
-  u.update_id = st.options.worker_id + "-r" + std::to_string(rec.round) + "-" + std::to_string(st.rng() & 0xffffffff);
+  // 128 random bits: a restarted worker (same --seed, same id) never repeats an earlier id.
+  u.update_id = st.options.worker_id + "-r" + std::to_string(rec.round) + "-" + net::random_id_128();
   u.base_version = snap.version;
   u.sample_count = r.samples;
   u.train_loss = static_cast<float>(r.train_loss);
@@ -169,21 +173,36 @@ void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& s
   u.compute_seconds = r.compute_seconds * std::max(1.0, st.options.speed_factor);
   for (auto& [name, d] : r.delta) u.deltas.push_back(to_wire(name, d));
   st.current = rec;
+  st.push = u;  // kept until its verdict: pushed again when the shard cannot take it yet
+  st.push_retries = 0;
   request(self, std::move(u));
 }
 
-// The heartbeater's figures: requests in flight, and samples per second of the last round (the
+// The shard could not take the update now (too few in-sync replicas, a storage error): nothing was
+// applied, so the same update (same id) goes again after a backoff that doubles up to 5 s.
+void retry_push(Self* self, const net::UpdateReject& rej) {
+  auto& st = self->state;
+  st.awaiting = 0;
+  ++st.push_retries;
+  ++st.retried[net::to_string(rej.reason)];
+  const uint64_t backoff = std::min<uint64_t>(5000, st.options.retry_ms << std::min<uint64_t>(st.push_retries, 5));
+  spdlog::warn("{}: update '{}' of '{}' not taken ({}: {}); pushing it again in {} ms", st.options.worker_id,
+               rej.update_id, rej.expert_id, net::to_string(rej.reason), rej.detail, backoff);
+  self->delayed_send(self, std::chrono::milliseconds(backoff), push_again_atom::value);
+}
+
+// The coordinator link's figures: requests in flight, and samples per second of the last round (the
 // measured speed the coordinator sees).
 void report_figures(Self* self) {
   auto& st = self->state;
-  if (!st.heartbeater) return;
+  if (!st.link) return;
   double speed = 0;
   if (!st.history.empty()) {
     const auto& last = st.history.back();
     const double seconds = last.compute_seconds + last.slot_wait_seconds + last.delay_seconds;
     if (last.compute_seconds > 0) speed = 1.0 / seconds;
   }
-  self->send(st.heartbeater, load_atom::value, st.awaiting != 0 ? 1.0f : 0.0f, speed);
+  self->send(st.link, load_atom::value, st.awaiting != 0 ? 1.0f : 0.0f, speed);
 }
 
 void finish_round(Self* self, WorkerRoundRecord rec) {
@@ -237,14 +256,70 @@ std::string status_json(Self* self) {
                       {"placement_epoch", st.placement_epoch},
                       {"replicas", st.replica_ids},
                       {"assigned_expert", st.assigned_expert},
+                      {"errors", st.errors},
+                      {"pushes_retried", st.retried},
                       {"rounds", rounds}};
-  return j.dump();
+  return json_text(j);
 }
 
 void reply_status(Self* self, const net::Message& m, const net::StatusRequest& req) {
   self->state.transport->send(
       self, caf::actor_cast<caf::actor>(self->current_sender()), self->state.options.worker_id, m.correlation_id,
       net::StatusReply{req.request_id, self->state.options.worker_id, net::Role::worker, status_json(self)});
+}
+
+// Every message a shard or the coordinator sends to the worker.
+void on_message(Self* self, const net::Message& m) {
+  auto& st = self->state;
+  if (auto* req = std::get_if<net::StatusRequest>(&m.body)) return reply_status(self, m, *req);
+  if (auto* map = std::get_if<net::PlacementMap>(&m.body)) {
+    if (map->epoch < st.placement_epoch) return;
+    st.placement_epoch = map->epoch;
+    for (const auto& a : map->assignments)
+      if (a.worker_id == st.options.worker_id) st.assigned_expert = a.expert_id;
+    st.placed.clear();
+    for (const auto& p : map->placements)
+      if (p.expert_id == st.options.expert_id)
+        for (const auto& r : p.replicas)
+          if (r.alive) st.placed.push_back(r.shard_id);
+    return follow_placement(self);
+  }
+  if (std::holds_alternative<net::HelloAck>(m.body)) return;
+  if (auto* err = std::get_if<net::ErrorReply>(&m.body); err && err->code == "not_a_member")
+    return st.link ? self->send(st.link, rejoin_atom::value) : void();
+  if (m.correlation_id != st.awaiting || st.awaiting == 0) return;  // late: its request was given up
+  if (auto* snap = std::get_if<net::ExpertSnapshot>(&m.body)) return on_snapshot(self, m, *snap);
+  if (auto* ack = std::get_if<net::UpdateAck>(&m.body)) {
+    auto rec = st.current;
+    rec.verdict = "accepted";
+    rec.new_version = ack->new_version;
+    rec.staleness = ack->staleness;
+    rec.weight = ack->weight;
+    ++st.accepted;
+    return finish_round(self, rec);
+  }
+  if (auto* rej = std::get_if<net::UpdateReject>(&m.body)) {
+    // Not the primary (it says which): no verdict on the update, push it where it belongs.
+    if (rej->reason == net::RejectReason::not_replica) return failover(self, "is not the primary: " + rej->detail);
+    if (rej->reason == net::RejectReason::not_enough_replicas || rej->reason == net::RejectReason::storage_error)
+      return retry_push(self, *rej);
+    auto rec = st.current;
+    rec.verdict = net::to_string(rej->reason);
+    rec.new_version = rej->current_version;
+    ++st.rejected[rec.verdict];
+    spdlog::info("{}: update of '{}' rejected: {} ({})", st.options.worker_id, rej->expert_id, rec.verdict,
+                 rej->detail);
+    return finish_round(self, rec);
+  }
+  if (auto* err = std::get_if<net::ErrorReply>(&m.body)) {
+    if (st.options.sync_rounds && err->code == "version_unavailable") {
+      // The shard's round is still open: ask again shortly (not the replica's fault).
+      st.awaiting = 0;
+      self->delayed_send(self, std::chrono::milliseconds(st.options.sync_poll_ms), pull_atom::value);
+      return;
+    }
+    return failover(self, "answered " + err->code + ": " + err->detail);
+  }
 }
 
 }  // namespace
@@ -268,78 +343,30 @@ caf::behavior worker(Self* self, std::shared_ptr<net::Transport> transport, Work
   mem.hello.role = net::Role::worker;
   mem.hello.expert = self->state.options.expert_id;
   mem.hello.declared_speed = 1.0 / std::max(self->state.options.speed_factor, 1e-9);
-  join(self, *self->state.transport, mem);
-  self->state.heartbeater = spawn_heartbeater(self, self->state.transport, mem);
+  self->state.link = spawn_coordinator_link(self, self->state.transport, mem);
   self->send(self, pull_atom::value);
   return {
       [=](pull_atom) { pull(self); },
+      [=](push_again_atom) {
+        auto& st = self->state;
+        if (st.finished || st.awaiting != 0) return;
+        if (st.options.stop && st.options.stop->load()) return stopped_mid_round(self, st.current.round);
+        request(self, st.push);
+      },
       [=](peer_atom, const std::string& shard, caf::actor handle) {
         self->state.peers[shard] = std::move(handle);
         follow_placement(self);
       },
-      // join() schedules heartbeats here; the heartbeater sends them (this actor blocks while it
-      // trains), so they only refresh its figures.
-      [=](heartbeat_atom) { report_figures(self); },
+      [=](coordinator_atom, caf::actor coordinator) {
+        self->state.options.membership.coordinator = std::move(coordinator);
+      },
       [=](reply_timeout_atom, uint64_t correlation) {
         if (self->state.awaiting == correlation && !self->state.finished)
           failover(self, "did not answer within " + std::to_string(self->state.options.reply_timeout_ms) + " ms");
       },
       [=](net::WireFrame& frame) {
-        auto& st = self->state;
-        auto received = st.transport->receive(self, frame);
-        if (!received) return;
-        if (!*received) {
-          spdlog::warn("{}: bad message: {}", st.options.worker_id, received->error().message());
-          return;
-        }
-        const net::Message& m = received->value();
-        if (auto* req = std::get_if<net::StatusRequest>(&m.body)) return reply_status(self, m, *req);
-        if (auto* map = std::get_if<net::PlacementMap>(&m.body)) {
-          if (map->epoch < st.placement_epoch) return;
-          st.placement_epoch = map->epoch;
-          for (const auto& a : map->assignments)
-            if (a.worker_id == st.options.worker_id) st.assigned_expert = a.expert_id;
-          st.placed.clear();
-          for (const auto& p : map->placements)
-            if (p.expert_id == st.options.expert_id)
-              for (const auto& r : p.replicas)
-                if (r.alive) st.placed.push_back(r.shard_id);
-          return follow_placement(self);
-        }
-        if (std::holds_alternative<net::HelloAck>(m.body)) return;
-        if (auto* err = std::get_if<net::ErrorReply>(&m.body); err && err->code == "not_a_member")
-          return join(self, *st.transport, st.options.membership);
-        if (m.correlation_id != st.awaiting || st.awaiting == 0) return;  // late: its request was given up
-        if (auto* snap = std::get_if<net::ExpertSnapshot>(&m.body)) return on_snapshot(self, m, *snap);
-        if (auto* ack = std::get_if<net::UpdateAck>(&m.body)) {
-          auto rec = st.current;
-          rec.verdict = "accepted";
-          rec.new_version = ack->new_version;
-          rec.staleness = ack->staleness;
-          rec.weight = ack->weight;
-          ++st.accepted;
-          return finish_round(self, rec);
-        }
-        if (auto* rej = std::get_if<net::UpdateReject>(&m.body)) {
-          // Not the primary (it says which): no verdict on the update, push it where it belongs.
-          if (rej->reason == net::RejectReason::not_replica) return failover(self, "is not the primary: " + rej->detail);
-          auto rec = st.current;
-          rec.verdict = net::to_string(rej->reason);
-          rec.new_version = rej->current_version;
-          ++st.rejected[rec.verdict];
-          spdlog::info("{}: update of '{}' rejected: {} ({})", st.options.worker_id, rej->expert_id, rec.verdict,
-                       rej->detail);
-          return finish_round(self, rec);
-        }
-        if (auto* err = std::get_if<net::ErrorReply>(&m.body)) {
-          if (st.options.sync_rounds && err->code == "version_unavailable") {
-            // The shard's round is still open: ask again shortly (not the replica's fault).
-            st.awaiting = 0;
-            self->delayed_send(self, std::chrono::milliseconds(st.options.sync_poll_ms), pull_atom::value);
-            return;
-          }
-          return failover(self, "answered " + err->code + ": " + err->detail);
-        }
+        dispatch(self, *self->state.transport, self->state.options.worker_id, self->state.errors, frame,
+                 [&](const net::Message& m) { on_message(self, m); });
       },
   };
 }

@@ -81,8 +81,12 @@ struct WorkerState {
   uint64_t accepted = 0;
   std::map<std::string, uint64_t> rejected;
   uint64_t failovers = 0;
+  std::map<std::string, uint64_t> errors;  // by code: messages that could not be handled
   std::vector<WorkerRoundRecord> history;
   WorkerRoundRecord current;       // the round in flight
+  net::UpdatePush push;            // its update, until the verdict (pushed again on storage_error, not_enough_replicas)
+  uint64_t push_retries = 0;       // of that update
+  std::map<std::string, uint64_t> retried;  // pushes sent again, by the reason the shard gave
   std::chrono::steady_clock::time_point idle_since = std::chrono::steady_clock::now();  // last verdict
   std::mt19937_64 rng;
   bool finished = false;
@@ -95,7 +99,7 @@ struct WorkerState {
   std::vector<std::string> replica_ids;     // ids of options.replicas when they came from the map
   bool stalled = false;                     // a pull found no replica: the next map restarts it
   caf::actor awaiting_from;                 // the replica the request in flight went to
-  caf::actor heartbeater;                   // heartbeats while training blocks this actor
+  caf::actor link;                          // to the coordinator: Hello, heartbeats while training blocks this actor
 
   static inline const char* name = "fedmoe.worker";
 };

@@ -10,6 +10,7 @@
 #include <kj/exception.h>
 
 #include "net/fedmoe.capnp.h"
+#include "net/text.hpp"
 
 namespace fedmoe::net {
 
@@ -20,8 +21,8 @@ namespace s = ::fedmoe::schema;
 static_assert(static_cast<uint16_t>(s::Role::CLIENT) == static_cast<uint16_t>(Role::client));
 static_assert(static_cast<uint16_t>(s::DeviceKind::CUDA) == static_cast<uint16_t>(DeviceKind::cuda));
 static_assert(static_cast<uint16_t>(s::DType::BF16) == static_cast<uint16_t>(DType::bf16));
-static_assert(static_cast<uint16_t>(s::RejectReason::OVERLOADED) ==
-              static_cast<uint16_t>(RejectReason::overloaded));
+static_assert(static_cast<uint16_t>(s::RejectReason::STORAGE_ERROR) ==
+              static_cast<uint16_t>(RejectReason::storage_error));
 // Body's alternatives follow the union's order, so alternative i is discriminant i.
 static_assert(std::variant_size_v<Body> == static_cast<size_t>(s::Envelope::Body::ROUND_CLOSE) + 1);
 
@@ -74,7 +75,21 @@ bool expected_bytes(const Tensor& t, uint64_t& bytes) {
   }
 }
 
-capnp::Text::Reader text(const std::string& s) { return {s.data(), s.size()}; }
+// A text field as written: ill-formed UTF-8 (a prompt cut inside a character by someone) goes out
+// with U+FFFD in its place instead of making every receiver reject the whole message. The fixed copy,
+// when one is needed, lives until the end of the full expression that sets the field.
+struct TextField {
+  std::string fixed;
+  const std::string* source;
+  explicit TextField(const std::string& s) : source(&s) {
+    if (!is_valid_utf8(s)) {
+      fixed = valid_utf8(s);
+      source = &fixed;
+    }
+  }
+  operator capnp::Text::Reader() const { return {source->data(), source->size()}; }
+};
+TextField text(const std::string& s) { return TextField(s); }
 
 // ---------------------------------------------------------------------------------------------------
 // Encoding
@@ -415,37 +430,6 @@ DecodeError from_kj(const kj::Exception& e) {
   return {code, "Cap'n Proto: " + std::string(description)};
 }
 
-// Reads the code point at s[i] and advances i past it; returns -1, leaving i, where the bytes are not
-// well-formed UTF-8 (overlong forms, surrogates and values above U+10FFFF included).
-int32_t next_code_point(std::string_view s, size_t& i) {
-  const auto lead = static_cast<uint8_t>(s[i]);
-  if (lead < 0x80) {
-    ++i;
-    return lead;
-  }
-  size_t length;
-  uint32_t cp;
-  uint32_t min;
-  if (lead >= 0xC2 && lead <= 0xDF) {
-    length = 2, cp = lead & 0x1Fu, min = 0x80;
-  } else if (lead >= 0xE0 && lead <= 0xEF) {
-    length = 3, cp = lead & 0x0Fu, min = 0x800;
-  } else if (lead >= 0xF0 && lead <= 0xF4) {
-    length = 4, cp = lead & 0x07u, min = 0x10000;
-  } else {
-    return -1;
-  }
-  if (s.size() - i < length) return -1;
-  for (size_t k = 1; k < length; ++k) {
-    const auto b = static_cast<uint8_t>(s[i + k]);
-    if ((b & 0xC0) != 0x80) return -1;
-    cp = (cp << 6) | (b & 0x3Fu);
-  }
-  if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return -1;
-  i += length;
-  return static_cast<int32_t>(cp);
-}
-
 bool is_control(int32_t cp) { return cp < 0x20 || (cp >= 0x7F && cp <= 0x9F); }
 
 enum class Presence { required, optional };
@@ -727,7 +711,7 @@ class MessageReader {
     // Optional: a push rejected as malformed may not have had readable ids.
     x.expert_id = id(r.getExpertId(), "updateReject.expertId", Presence::optional);
     x.update_id = id(r.getUpdateId(), "updateReject.updateId", Presence::optional);
-    x.reason = enumeration(r.getReason(), RejectReason::overloaded, "updateReject.reason");
+    x.reason = enumeration(r.getReason(), RejectReason::storage_error, "updateReject.reason");
     x.detail = text(r.getDetail(), "updateReject.detail");
     x.current_version = r.getCurrentVersion();
     return x;

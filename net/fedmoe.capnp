@@ -145,6 +145,8 @@ enum RejectReason {
   malformed @6;
   notReplica @7;
   overloaded @8;
+  notEnoughReplicas @9;  # fewer in-sync replicas than min-insync: nothing acknowledged, retry later
+  storageError @10;      # the shard could not make the update durable: nothing applied, retry later
 }
 
 struct UpdateReject {

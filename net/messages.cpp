@@ -52,6 +52,8 @@ const char* to_string(RejectReason r) {
     case RejectReason::malformed: return "malformed";
     case RejectReason::not_replica: return "not_replica";
     case RejectReason::overloaded: return "overloaded";
+    case RejectReason::not_enough_replicas: return "not_enough_replicas";
+    case RejectReason::storage_error: return "storage_error";
   }
   return "invalid";
 }

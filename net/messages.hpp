@@ -18,7 +18,7 @@ enum class DeviceKind : uint8_t { unknown, cpu, cuda };
 enum class DType : uint8_t { f32, f16, bf16 };
 enum class RejectReason : uint8_t {
   unknown, too_stale, non_finite, shape_mismatch, unknown_expert, duplicate_update, malformed,
-  not_replica, overloaded
+  not_replica, overloaded, not_enough_replicas, storage_error
 };
 
 const char* to_string(Role r);

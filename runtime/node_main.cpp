@@ -7,6 +7,7 @@
 #include <sstream>
 #include <iostream>
 #include <pthread.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <caf/send.hpp>
@@ -62,6 +63,7 @@ struct NodeFlags {
   std::string role;
   std::string listen = "127.0.0.1:0";
   std::string node_id;
+  std::string advertise;       // host peers reach this node at (CAF port and bulk channel)
   std::string bulk_advertise;
   std::string coordinator;  // HOST:PORT of the coordinator to join ("" = standalone)
   uint64_t heartbeat_ms = 1000;
@@ -115,6 +117,30 @@ caf::actor coordinator_of(NodeSystem& node, const NodeFlags& f) {
   return node.connect(ep.host, ep.port);
 }
 
+// The host peers reach this node at: --advertise; else the --listen host unless it is a wildcard
+// (0.0.0.0, ::), which no peer can connect to; then the local address on the route to the
+// coordinator, or to the outside world, or this host's name.
+std::string advertised_host(const NodeFlags& f, const net::Endpoint& listen) {
+  if (!f.advertise.empty()) return f.advertise;
+  if (!net::is_wildcard_host(listen.host)) return listen.host;
+  std::string host;
+  if (auto coord = net::parse_endpoint(f.coordinator)) host = net::local_address_toward(coord->host, coord->port);
+  if (host.empty()) host = net::local_address_toward("192.0.2.1", 9);  // TEST-NET-1: a route, no traffic
+  if (host.empty()) {
+    char name[256] = {0};
+    ::gethostname(name, sizeof name - 1);
+    host = name;
+  }
+  return host;
+}
+
+NodeSystemOptions listening_options(const NodeFlags& f, const net::Endpoint& listen) {
+  NodeSystemOptions opts;
+  opts.bulk_bind_host = listen.host;
+  opts.bulk_advertise_host = f.bulk_advertise.empty() ? advertised_host(f, listen) : f.bulk_advertise;
+  return opts;
+}
+
 void announce(const char* role, const std::string& id, const std::string& host, uint16_t port, NodeSystem& node) {
   // Scripts wait for this line (and read the port from it when --listen asked for port 0).
   std::cout << "fedmoe-node: " << role << " '" << id << "' listening on " << host << ":" << port
@@ -123,9 +149,7 @@ void announce(const char* role, const std::string& id, const std::string& host, 
 
 int run_coordinator(const NodeFlags& f, const sigset_t& signals) {
   auto listen = must_parse(f.listen, "--listen");
-  NodeSystemOptions opts;
-  opts.bulk_bind_host = listen.host;
-  opts.bulk_advertise_host = f.bulk_advertise;
+  auto opts = listening_options(f, listen);
   NodeSystem node(opts);
   actors::CoordinatorOptions co;
   co.node_id = f.node_id.empty() ? "coordinator" : f.node_id;
@@ -272,6 +296,7 @@ int run_worker(const NodeFlags& f, const sigset_t& signals) {
   o.jitter_ms = f.jitter_ms;
   o.seed = f.seed;
   o.membership.coordinator = coord;
+  o.membership.coordinator_endpoint = f.coordinator;
   o.membership.heartbeat_ms = f.heartbeat_ms;
   auto w = node.own(node.system().spawn<caf::detached>(actors::worker, node.transport(), o));
   std::cout << "fedmoe-node: worker '" << id << "' training expert '" << expert << "' on " << o.replicas.size()
@@ -297,9 +322,7 @@ int run_worker(const NodeFlags& f, const sigset_t& signals) {
 
 int run_shard(const NodeFlags& f, const sigset_t& signals) {
   auto listen = must_parse(f.listen, "--listen");
-  NodeSystemOptions opts;
-  opts.bulk_bind_host = listen.host;
-  opts.bulk_advertise_host = f.bulk_advertise;
+  auto opts = listening_options(f, listen);
   NodeSystem node(opts);
   std::string id = f.node_id.empty() ? "shard-" + std::to_string(::getpid()) : f.node_id;
   auto store = f.store;
@@ -308,8 +331,8 @@ int run_shard(const NodeFlags& f, const sigset_t& signals) {
   auto shard = node.own(node.system().spawn(actors::expert_shard_with, id, node.transport(), store));
   uint16_t port = node.publish(shard, listen.host, listen.port);
   if (auto coord = coordinator_of(node, f)) {
-    std::string advertised = (f.bulk_advertise.empty() ? listen.host : f.bulk_advertise) + ":" + std::to_string(port);
-    caf::anon_send(shard, actors::join_atom::value, coord, advertised);
+    std::string advertised = advertised_host(f, listen) + ":" + std::to_string(port);
+    caf::anon_send(shard, actors::join_atom::value, coord, advertised, f.coordinator);
   }
   announce("shard", id, listen.host, port, node);
   int sig = wait_for_shutdown(signals);
@@ -375,15 +398,13 @@ int run_router(const NodeFlags& f, const sigset_t& signals) {
   o.max_new_tokens = f.max_new_tokens;
   o.reply_timeout_ms = f.reply_timeout_ms;
   o.membership.heartbeat_ms = f.heartbeat_ms;
-  NodeSystemOptions opts;
-  opts.bulk_bind_host = listen.host;
-  opts.bulk_advertise_host = f.bulk_advertise;
+  auto opts = listening_options(f, listen);
   NodeSystem node(opts);
   auto r = node.own(node.system().spawn<caf::detached>(actors::router, node.transport(), o));
   uint16_t port = node.publish(r, listen.host, listen.port);
   if (auto coord = coordinator_of(node, f)) {
-    std::string advertised = (f.bulk_advertise.empty() ? listen.host : f.bulk_advertise) + ":" + std::to_string(port);
-    caf::anon_send(r, actors::join_atom::value, coord, advertised);
+    std::string advertised = advertised_host(f, listen) + ":" + std::to_string(port);
+    caf::anon_send(r, actors::join_atom::value, coord, advertised, f.coordinator);
   }
   announce("router", o.node_id, listen.host, port, node);
   int sig = wait_for_shutdown(signals);
@@ -564,18 +585,32 @@ int run_expert(const ExpertFlags& f) {
   snap.tensors = actors::to_wire(
       model::make_lora_tensors(cfg, ls, f.init == "peft" ? model::LoraInit::peft : model::LoraInit::random, f.seed));
   nlohmann::json seeded = nlohmann::json::array();
-  for (const auto& p : map->placements) {
-    if (p.expert_id != spec.expert_id) continue;
-    for (const auto& r : p.replicas) {
-      auto rep = net::parse_endpoint(r.endpoint);
-      if (!rep) throw std::runtime_error("replica " + r.shard_id + " has no reachable endpoint ('" + r.endpoint + "')");
-      auto pushed = push_snapshot(node, node.connect(rep->host, rep->port), snap, timeout);
-      if (!pushed.ok) throw std::runtime_error("seeding replica " + r.shard_id + ": " + pushed.error);
-      seeded.push_back(r.shard_id);
+  try {
+    for (const auto& p : map->placements) {
+      if (p.expert_id != spec.expert_id) continue;
+      for (const auto& r : p.replicas) {
+        auto rep = net::parse_endpoint(r.endpoint);
+        if (!rep || net::is_wildcard_host(rep->host))
+          throw std::runtime_error("replica " + r.shard_id + " has no reachable endpoint ('" + r.endpoint +
+                                   "'; start it with --advertise HOST)");
+        auto pushed = push_snapshot(node, node.connect(rep->host, rep->port), snap, timeout);
+        if (!pushed.ok) throw std::runtime_error("seeding replica " + r.shard_id + ": " + pushed.error);
+        seeded.push_back(r.shard_id);
+      }
     }
+    if (seeded.empty()) throw std::runtime_error("no shard to place expert '" + spec.expert_id + "' on yet");
+  } catch (const std::exception& e) {
+    // All or nothing: withdraw the registration, so that no half-seeded expert is left behind.
+    auto withdraw = spec;
+    withdraw.removed = true;
+    std::string why;
+    const bool withdrawn = register_expert(node, coord, withdraw, timeout, &why).has_value();
+    throw std::runtime_error(std::string(e.what()) + (withdrawn ? "; the registration of '" + spec.expert_id +
+                                                                      "' was withdrawn"
+                                                                : "; withdrawing the registration failed too: " + why));
   }
   std::cout << nlohmann::json{{"added", spec.expert_id}, {"epoch", map->epoch}, {"replicas", seeded}}.dump() << std::endl;
-  return seeded.empty() ? 1 : 0;
+  return 0;
 }
 
 int run_status(const std::string& target) {
@@ -607,8 +642,11 @@ int node_main(int argc, char** argv) {
       ->check(CLI::IsMember({"coordinator", "worker", "shard", "router", "sim"}));
   app.add_option("--listen", nf.listen, "HOST:PORT to publish this node's actor on (port 0: any free port)");
   app.add_option("--node-id", nf.node_id, "this node's id (default: role-pid)");
+  app.add_option("--advertise", nf.advertise,
+                 "host that peers use to reach this node, its actor and its bulk channel (default: the --listen "
+                 "host; for a wildcard --listen 0.0.0.0 or [::], this host's address on the route to the coordinator)");
   app.add_option("--bulk-advertise", nf.bulk_advertise,
-                 "host that peers use to reach this node's bulk channel (default: the --listen host)");
+                 "host that peers use to reach this node's bulk channel, when it differs from --advertise");
 
   app.add_option("--coordinator", nf.coordinator, "HOST:PORT of the coordinator to join");
   app.add_option("--heartbeat-ms", nf.heartbeat_ms, "heartbeat period towards the coordinator");

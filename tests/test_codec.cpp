@@ -19,6 +19,7 @@
 #include "net/checksum.hpp"
 #include "net/codec.hpp"
 #include "net/fedmoe.capnp.h"
+#include "net/text.hpp"
 
 using namespace fedmoe::net;
 namespace schema = fedmoe::schema;
@@ -789,8 +790,8 @@ TEST_CASE("decode: enum values outside the schema", "[codec][malformed]") {
   {
     capnp::MallocMessageBuilder builder;
     auto reject = builder.initRoot<schema::Envelope>().getBody().initUpdateReject();
-    reject.setReason(static_cast<schema::RejectReason>(9));
-    require_error(decode(flat(builder)), DecodeErrc::unknown_enum, "updateReject.reason = 9");
+    reject.setReason(static_cast<schema::RejectReason>(11));
+    require_error(decode(flat(builder)), DecodeErrc::unknown_enum, "updateReject.reason = 11");
   }
   {
     capnp::MallocMessageBuilder builder;
@@ -875,8 +876,18 @@ TEST_CASE("decode: ids and texts", "[codec][malformed]") {
   for (const char* bad : {"ok \xC3\x28", "overlong \xC0\xAF", "surrogate \xED\xA0\x80", "cut \xE2\x82",
                           "too high \xF4\x90\x80\x80", "lone \x80"}) {
     INFO(bad);
-    require_error(round_trip(make_message(RouteRequest{1, bad, 1})), DecodeErrc::invalid_text,
-                  "routeRequest.prompt is not valid UTF-8");
+    // A hostile peer's bytes (written past our encoder) are refused...
+    capnp::MallocMessageBuilder builder;
+    auto route = builder.initRoot<schema::Envelope>().getBody().initRouteRequest();
+    route.setRequestId(1);
+    route.setPrompt(capnp::Text::Reader(bad, std::strlen(bad)));
+    require_error(decode(flat(builder)), DecodeErrc::invalid_text, "routeRequest.prompt is not valid UTF-8");
+    // ...while our encoder never writes them: ill-formed text goes out with U+FFFD in its place.
+    auto sent = round_trip(make_message(RouteRequest{1, bad, 1}));
+    REQUIRE(sent);
+    const auto& prompt = std::get<RouteRequest>(sent.value().body).prompt;
+    CHECK(prompt == valid_utf8(bad));
+    CHECK(prompt.find("\xEF\xBF\xBD") != std::string::npos);
   }
   // Free text may hold newlines and any valid UTF-8.
   require_ok(round_trip(make_message(RouteRequest{1, "line\n\t\xE2\x9C\x93 \xF0\x9F\x98\x80", 1})));
@@ -1081,4 +1092,27 @@ TEST_CASE("checksum: tensor lists chain names and data in order", "[checksum]") 
   const Message m = make_message(ExpertSnapshot{sample_spec(), 1, tensors});
   const auto decoded = round_trip(m);
   CHECK(checksum(std::get<ExpertSnapshot>(require_ok(decoded).body).tensors) == base);
+}
+
+TEST_CASE("text: cuts on code-point boundaries, replaces ill-formed subparts", "[text]") {
+  const std::string zh = "\xE8\xAF\xB7\xE7\x94\xA8";  // two 3-byte characters
+  CHECK(utf8_head(zh, 6) == zh);
+  CHECK(utf8_head(zh, 5) == zh.substr(0, 3));
+  CHECK(utf8_head(zh, 4) == zh.substr(0, 3));
+  CHECK(utf8_head(zh, 3) == zh.substr(0, 3));
+  CHECK(utf8_head(zh, 2).empty());
+  CHECK(utf8_head("abc", 80) == "abc");
+  const std::string emoji = "a\xF0\x9F\x98\x80" "b";
+  for (size_t n = 0; n <= emoji.size(); ++n) {
+    INFO(n);
+    auto head = utf8_head(emoji, n);
+    CHECK(is_valid_utf8(head));
+    CHECK(head.size() <= n);
+    CHECK(emoji.compare(0, head.size(), head) == 0);
+  }
+  CHECK(valid_utf8("ok") == "ok");
+  CHECK(valid_utf8("a\xE2\x82") == "a\xEF\xBF\xBD");            // a cut 3-byte sequence: one U+FFFD
+  CHECK(valid_utf8("\x80\x80") == "\xEF\xBF\xBD\xEF\xBF\xBD");  // two lone continuation bytes: two
+  CHECK(valid_utf8("x\xC0\xAFy") == "x\xEF\xBF\xBD\xEF\xBF\xBDy");
+  CHECK(is_valid_utf8(utf8_head("\xE8\xAF\xB7\xFF\xE7\x94", 80)));
 }

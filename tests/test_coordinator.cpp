@@ -189,7 +189,10 @@ TEST_CASE("coordinator actor: shards join, get placed, die and are replaced - st
   auto resumed = status(coord2);
   CHECK(resumed["experts"].size() == 2);
   CHECK(resumed["placement"] == after["placement"]);
-  CHECK(resumed["epoch"] == after["epoch"]);
+  // A new incarnation starts a new epoch (never one it may already have sent), saved before it serves.
+  CHECK(resumed["epoch"].get<uint64_t>() == after["epoch"].get<uint64_t>() + 1);
+  std::ifstream saved(dir / "coordinator.json");
+  CHECK(nlohmann::json::parse(saved)["epoch"] == resumed["epoch"]);
   for (auto& s : shards) caf::anon_send_exit(s, caf::exit_reason::kill);
   caf::anon_send_exit(coord2, caf::exit_reason::kill);
   fs::remove_all(dir);
@@ -265,6 +268,66 @@ TEST_CASE("replication: the primary forwards accepted updates - losing it loses 
   auto t1 = runtime::pull_snapshot(node, shards[third], "sql", 3, timeout);
   REQUIRE(t1.ok);
   CHECK(t1.checksum == b1.checksum);
+}
+
+TEST_CASE("replication: a backup restarted with nothing is seeded again by its primary, then follows it",
+          "[coordinator][replication]") {
+  const auto timeout = std::chrono::milliseconds(30'000);
+  runtime::NodeSystem node;
+  model::PolicyConfig policy;
+  policy.name = "fedasync";
+  auto fed = fedmoe::test::start_federation(node, 2, 2, 2000, policy);
+  std::string error;
+  auto map = runtime::register_expert(node, fed.coordinator, spec("sql"), timeout, &error);
+  INFO(error);
+  REQUIRE(map);
+  const std::string primary = map->placements[0].replicas[0].shard_id, backup = map->placements[0].replicas[1].shard_id;
+  net::ExpertSnapshot snap;
+  snap.spec = spec("sql");
+  snap.tensors.push_back(net::Tensor::owning("w", net::DType::f32, {8}, std::vector<std::byte>(32)));
+  REQUIRE(runtime::push_snapshot(node, fed.shards[primary], snap, timeout).ok);
+  auto version_on = [&](const caf::actor& a) -> int64_t {
+    auto j = fedmoe::test::status_of(node, a);
+    return j["experts"].empty() ? -1 : j["experts"][0]["version"].get<int64_t>();
+  };
+  auto push = [&](int i) {
+    net::UpdatePush u;
+    u.expert_id = "sql";
+    u.worker_id = "w";
+    u.update_id = "u" + std::to_string(i);
+    u.base_version = uint64_t(i);
+    u.sample_count = 1;
+    std::vector<float> d(8, 0.5f + float(i));
+    std::vector<std::byte> bytes(reinterpret_cast<std::byte*>(d.data()), reinterpret_cast<std::byte*>(d.data()) + 32);
+    u.deltas.push_back(net::Tensor::owning("w", net::DType::f32, {8}, bytes));
+    auto r = runtime::push_update(node, fed.shards[primary], u, timeout);
+    REQUIRE(r.accepted);
+  };
+  for (int i = 0; i < 50 && version_on(fed.shards[backup]) != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  push(0);
+  push(1);
+  REQUIRE(version_on(fed.shards[backup]) == 2);
+
+  // The backup restarts within its lease holding nothing (a new disk): the same id, a new actor.
+  caf::anon_send_exit(fed.shards[backup], caf::exit_reason::kill);
+  actors::ShardOptions so;
+  so.store.policy = policy;
+  so.membership.coordinator = fed.coordinator;
+  so.membership.heartbeat_ms = 100;
+  auto restarted = node.own(node.system().spawn(actors::expert_shard_node, backup, node.transport(), so));
+  // Its Hello gives the primary its new handle: the primary seeds it again with what it holds.
+  for (int i = 0; i < 100 && version_on(restarted) != 2; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  REQUIRE(version_on(restarted) == 2);
+  push(2);  // and forwarded updates apply on top of it again
+  CHECK(version_on(restarted) == 3);
+  auto p = runtime::pull_snapshot(node, fed.shards[primary], "sql", 3, timeout);
+  auto b = runtime::pull_snapshot(node, restarted, "sql", 3, timeout);
+  REQUIRE(p.ok);
+  REQUIRE(b.ok);
+  CHECK(p.checksum == b.checksum);
+  auto seeds = fedmoe::test::status_of(node, fed.shards[primary])["seeds"];
+  CHECK(seeds["retried"].get<int>() >= 1);
+  CHECK(seeds["awaiting_receipt"] == 0);
 }
 
 TEST_CASE("replication under FedAvg with a round deadline: backups close the round with their primary",

@@ -8,7 +8,12 @@
 #undef CHECK
 #include <catch2/catch.hpp>
 
+#include <sys/mount.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <optional>
 
 #include <cmath>
 #include <filesystem>
@@ -20,6 +25,7 @@
 #include "actors/expert_shard.hpp"
 #include "actors/expert_store.hpp"
 #include "actors/tensor_bridge.hpp"
+#include "net/checksum.hpp"
 #include "runtime/node_system.hpp"
 #include "runtime/snapshot_client.hpp"
 #include "model_test_util.hpp"
@@ -209,6 +215,105 @@ TEST_CASE("store: a torn log tail is dropped, snapshots restart the log", "[stor
   SECTION("a corrupt snapshot is an error naming the file") {
     { std::ofstream(dir.path / "sql" / "snapshot.safetensors", std::ios::trunc) << "not a snapshot"; }
     CHECK_THROWS_WITH(actors::ExpertStore(o), Contains("snapshot.safetensors"));
+  }
+}
+
+TEST_CASE("store: a damaged record with acknowledged records after it is an error, never a silent drop", "[store]") {
+  TempDir dir;
+  auto o = options("fedasync", dir.path.string());
+  {
+    actors::ExpertStore store(o);
+    store.install(initial());
+    for (int i = 0; i < 3; ++i) REQUIRE(store.push(update("u" + std::to_string(i), uint64_t(i), 1.0f)).accepted);
+  }
+  auto log = dir.path / "sql" / "updates.log";
+  {
+    std::fstream f(log, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(40);  // inside the first record's payload
+    f.put('\x5a');
+  }
+  CHECK_THROWS_WITH(actors::ExpertStore(o), Contains("refusing to drop acknowledged updates") && Contains("updates.log"));
+}
+
+// A small tmpfs: a real full disk. Needs CAP_SYS_ADMIN (root); skipped with a message otherwise.
+struct SmallDisk {
+  TempDir dir;
+  bool mounted = false;
+  explicit SmallDisk(const std::string& size) {
+    mounted = ::mount("tmpfs", dir.path.c_str(), "tmpfs", 0, ("size=" + size).c_str()) == 0;
+    if (!mounted) WARN("skipped: cannot mount a tmpfs here (" << std::strerror(errno) << "; the test needs root)");
+  }
+  ~SmallDisk() {
+    if (mounted) ::umount2(dir.path.c_str(), MNT_DETACH);
+  }
+};
+
+TEST_CASE("store: a full disk refuses the update with a StorageError, changes nothing, loses nothing acknowledged",
+          "[store][disk]") {
+  for (const char* policy : {"fedasync", "fedbuff"}) {
+    INFO(policy);
+    SmallDisk disk("64k");
+    if (!disk.mounted) return;
+    auto o = options(policy, (disk.dir.path / "state").string());
+    o.snapshot_every = 1000;  // the log grows until the disk is full
+    actors::ExpertStore memory(options(policy));  // receives exactly what the store acknowledged
+    memory.install(initial());
+    std::vector<net::UpdatePush> acknowledged;
+    std::optional<net::UpdatePush> refused;
+    {
+      actors::ExpertStore store(o);
+      store.install(initial());
+      {  // leave a few KiB
+        std::ofstream filler(disk.dir.path / "filler", std::ios::binary);
+        std::string block(4096, 'x');
+        while (filler.write(block.data(), block.size())) {
+        }
+      }
+      fs::resize_file(disk.dir.path / "filler", fs::file_size(disk.dir.path / "filler") - 6 * 4096);
+      for (int i = 0; i < 400 && !refused; ++i) {
+        auto u = update("u" + std::to_string(i), store.find("sql")->weights.version, 0.01f * float(i + 1));
+        const auto before_version = store.find("sql")->weights.version;
+        const auto before_checksum = store.find("sql")->published.tensors.empty() ? 0 : net::checksum(store.find("sql")->published.tensors);
+        const auto before_pending = store.find("sql")->policy->pending();
+        std::string failure;
+        actors::PushResult result;
+        try {
+          result = store.push(u);
+        } catch (const actors::StorageError& e) {
+          failure = e.what();
+        }
+        if (failure.empty()) {
+          REQUIRE(result.accepted);
+          REQUIRE(memory.push(u).accepted);
+          acknowledged.push_back(u);
+        } else {
+          CHECK_THAT(failure, Contains("No space left on device"));
+          refused = u;
+          // Nothing changed: same version, same published bytes, same buffered updates, id not taken.
+          const auto* after = store.find("sql");
+          CHECK(after->weights.version == before_version);
+          CHECK(net::checksum(after->published.tensors) == before_checksum);
+          CHECK(after->policy->pending() == before_pending);
+          CHECK(after->seen.count(u.update_id) == 0);
+          CHECK(after->failed.empty());
+          CHECK(after->storage_errors == 1);
+          CHECK_THROWS_AS(store.push(u), actors::StorageError);  // still full: refused again, still no crash
+        }
+      }
+      REQUIRE(refused);
+      REQUIRE(acknowledged.size() >= 2);
+      fs::remove(disk.dir.path / "filler");  // space again: the same update goes through now
+      REQUIRE(store.push(*refused).accepted);
+      REQUIRE(memory.push(*refused).accepted);
+      acknowledged.push_back(*refused);
+    }
+    actors::ExpertStore again(o);  // a restart finds every acknowledged update, nothing else
+    const auto* e = again.find("sql");
+    const auto* m = memory.find("sql");
+    CHECK(e->weights.version == m->weights.version);
+    CHECK(e->policy->pending() == m->policy->pending());
+    for (const auto& [name, w] : m->weights.weights) CHECK(e->weights.weights.at(name).equal(w));
+    for (const auto& u : acknowledged) CHECK(again.push(u).reject.reason == net::RejectReason::duplicate_update);
   }
 }
 

@@ -437,6 +437,85 @@ TEST_CASE("a worker SIGKILLed during its pushes loses no acknowledged update - t
   fs::remove_all(dir);
 }
 
+TEST_CASE("a coordinator SIGKILLed and restarted finds its members again, epochs only grow, wildcard listeners",
+          "[process][federation][restart]") {
+  std::string tmpl = (fs::temp_directory_path() / "fedmoe_restart_XXXXXX").string();
+  REQUIRE(mkdtemp(tmpl.data()) != nullptr);
+  const fs::path dir = tmpl;
+  fs::create_directories(dir / "base");
+  fs::copy_file(FEDMOE_SOURCE_DIR "/examples/models/fedmoe-tiny.json", dir / "base" / "config.json");
+  const std::vector<std::string> coord_args{kNode, "--role", "coordinator", "--listen", "127.0.0.1:0", "--lease-ms",
+                                            "1500", "--replication", "2", "--state-dir", (dir / "coordinator").string()};
+  auto coord = std::make_unique<Child>(coord_args);
+  auto line = coord->wait_for_line("listening on", 30s);
+  REQUIRE(line);
+  std::smatch m;
+  REQUIRE(std::regex_search(*line, m, std::regex(R"(listening on 127\.0\.0\.1:(\d+))")));
+  const std::string port = m[1];
+  const std::string c = "127.0.0.1:" + port;
+  // Shards listening on every interface: each advertises the address on its route to the coordinator.
+  std::vector<std::unique_ptr<Child>> shards;
+  for (int i = 0; i < 2; ++i) {
+    shards.push_back(std::make_unique<Child>(std::vector<std::string>{
+        kNode, "--role", "shard", "--listen", "0.0.0.0:0", "--node-id", "shard-" + std::to_string(i), "--coordinator", c,
+        "--heartbeat-ms", "200"}));
+    REQUIRE(shards.back()->wait_for_line("listening on 0.0.0.0:", 30s));
+  }
+  auto status = [&] {
+    auto [st, out] = run({kNode, "status", "--coordinator", c}, 30s);
+    INFO(out);
+    REQUIRE(st == 0);
+    return nlohmann::json::parse(out.substr(out.find('{')));
+  };
+  auto alive_shards = [](const nlohmann::json& j) {
+    int n = 0;
+    for (const auto& member : j["members"])
+      if (member["role"] == "shard" && member["alive"] == true) ++n;
+    return n;
+  };
+  for (int i = 0; i < 50 && alive_shards(status()) < 2; ++i) std::this_thread::sleep_for(100ms);
+  auto [es, eout] = run({kNode, "expert", "--coordinator", c, "--add", "sql", "--base-model", (dir / "base").string(),
+                         "--rank", "2", "--alpha", "4", "--targets", "q_proj"},
+                        60s);
+  INFO(eout);
+  REQUIRE(es == 0);  // the replicas were reached at their advertised addresses, not at 0.0.0.0
+  CHECK(nlohmann::json::parse(eout.substr(eout.find('{')))["replicas"].size() == 2);
+  auto before = status();
+  for (const auto& member : before["members"])
+    if (member["role"] == "shard") CHECK(member["endpoint"].get<std::string>().rfind("0.0.0.0", 0) != 0);
+  const uint64_t epoch_before = before["epoch"];
+
+  coord->signal(SIGKILL);
+  coord->wait(10s);
+  auto args = coord_args;
+  args[4] = c;  // the same port
+  coord = std::make_unique<Child>(args);
+  REQUIRE(coord->wait_for_line("listening on", 30s));
+  // Within a few heartbeats both shards have reconnected and said Hello again, and stay alive past
+  // several leases (before the fix they were listed dead for good 12 s later).
+  nlohmann::json after;
+  for (int i = 0; i < 100; ++i) {
+    after = status();
+    if (alive_shards(after) == 2) break;
+    std::this_thread::sleep_for(100ms);
+  }
+  CHECK(alive_shards(after) == 2);
+  std::this_thread::sleep_for(4s);  // > 2 leases
+  after = status();
+  CHECK(alive_shards(after) == 2);
+  CHECK(after["epoch"].get<uint64_t>() > epoch_before);
+  CHECK(after["placement"]["sql"].size() == 2);
+  CHECK(after["unanswered"].empty());
+  for (const auto& [shard, version] : after["expert_versions"]["sql"].items()) CHECK(version == 0);
+  for (auto& s : shards) s->signal(SIGTERM);
+  for (auto& s : shards) {
+    s->wait(30s);  // (collects the rest of its output)
+    CHECK_THAT(s->output(), Catch::Contains("lost the coordinator") && Catch::Contains("reconnected to the coordinator"));
+  }
+  coord->signal(SIGTERM);
+  fs::remove_all(dir);
+}
+
 TEST_CASE("the real-clock simulation runs a whole federation in one process with real training", "[process][sim]") {
   const std::string src = FEDMOE_SOURCE_DIR;
   std::string tmpl = (fs::temp_directory_path() / "fedmoe_realsim_XXXXXX").string();

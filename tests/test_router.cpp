@@ -18,6 +18,7 @@
 #include "model/expert_server.hpp"
 #include "model/lora_expert.hpp"
 #include "model/qwen2_config.hpp"
+#include "net/text.hpp"
 #include "runtime/node_system.hpp"
 #include "runtime/snapshot_client.hpp"
 #include "model_test_util.hpp"
@@ -210,6 +211,30 @@ TEST_CASE("router: rules pick the expert, replicas serve it, versions advance by
     auto p = ask(node, router, gen(2, "def f(): return 2"));
     CHECK(p.choices[0].shard_id == "s1");
     CHECK(status_of(node, router)["failovers"] == 1);
+  }
+
+  SECTION("prompts in Chinese and Japanese, cut anywhere, never take the router down") {
+    // Qwen's home languages: a prompt whose 80th byte falls inside a character used to kill the
+    // router at its next status (the prompt's head, cut there, made nlohmann::json::dump throw).
+    std::string zh = "select name from users where  ";
+    while (zh.size() < 120) zh += "\xE8\xAF\xB7\xE7\x94\xA8\xE4\xB8\xAD\xE6\x96\x87";  // 请用中文
+    REQUIRE((static_cast<uint8_t>(zh[80]) & 0xC0) == 0x80);  // byte 80 is inside a character
+    std::string ja = "\xE3\x81\x93\xE3\x82\x93\xE3\x81\xAB\xE3\x81\xA1\xE3\x81\xAF";  // こんにちは
+    while (ja.size() < 100) ja += ja;
+    ja.resize(100);  // and one cut mid-character by the client itself
+    CHECK(ask(node, router, gen(10, zh)).error.empty());
+    CHECK_THAT(ask(node, router, gen(11, ja)).error, Contains("no expert matches"));
+    auto st = status_of(node, router);  // the router still answers
+    CHECK(st["generations"] == 1);
+    CHECK(st["failed_generations"] == 1);
+    REQUIRE(st["recent"].size() == 2);
+    for (const auto& r : st["recent"]) {
+      const auto head = r["prompt"].get<std::string>();
+      CHECK(head.size() <= 80);
+      CHECK(net::is_valid_utf8(head));
+    }
+    CHECK(st["recent"][0]["prompt"].get<std::string>() == zh.substr(0, 78));  // cut back to the boundary
+    CHECK(ask(node, router, gen(12, sql_prompt)).text == sql_expected);   // and serves on
   }
 
   SECTION("unknown experts and unroutable prompts get a clear error") {
