@@ -39,6 +39,21 @@ net::ExpertSpec spec(const std::string& id) {
   return s;
 }
 
+// An update of expert "sql" (one f32 tensor "w" [8], every element `value`).
+net::UpdatePush update_of(const std::string& update_id, const std::string& worker, uint64_t base_version,
+                          uint64_t samples, float value) {
+  net::UpdatePush u;
+  u.expert_id = "sql";
+  u.worker_id = worker;
+  u.update_id = update_id;
+  u.base_version = base_version;
+  u.sample_count = samples;
+  std::vector<float> d(8, value);
+  std::vector<std::byte> bytes(reinterpret_cast<std::byte*>(d.data()), reinterpret_cast<std::byte*>(d.data()) + 32);
+  u.deltas.push_back(net::Tensor::owning("w", net::DType::f32, {8}, bytes));
+  return u;
+}
+
 std::map<std::string, size_t> replicas_per_shard(const actors::Registry& r) {
   std::map<std::string, size_t> held;
   for (const auto& [id, s] : r.experts())
@@ -239,15 +254,7 @@ TEST_CASE("replication: the primary forwards accepted updates - losing it loses 
 
   // Acknowledged by the primary = applied on the backup too.
   for (int i = 0; i < 3; ++i) {
-    net::UpdatePush u;
-    u.expert_id = "sql";
-    u.worker_id = "w";
-    u.update_id = "u" + std::to_string(i);
-    u.base_version = uint64_t(i);
-    u.sample_count = 1;
-    std::vector<float> d(8, 1.0f + float(i));
-    std::vector<std::byte> bytes(reinterpret_cast<std::byte*>(d.data()), reinterpret_cast<std::byte*>(d.data()) + 32);
-    u.deltas.push_back(net::Tensor::owning("w", net::DType::f32, {8}, bytes));
+    auto u = update_of("u" + std::to_string(i), "w", uint64_t(i), 1, 1.0f + float(i));
     auto r = runtime::push_update(node, shards[primary], u, timeout);
     REQUIRE(r.accepted);
     CHECK(r.ack.new_version == uint64_t(i + 1));
@@ -291,15 +298,7 @@ TEST_CASE("replication: a backup restarted with nothing is seeded again by its p
     return j["experts"].empty() ? -1 : j["experts"][0]["version"].get<int64_t>();
   };
   auto push = [&](int i) {
-    net::UpdatePush u;
-    u.expert_id = "sql";
-    u.worker_id = "w";
-    u.update_id = "u" + std::to_string(i);
-    u.base_version = uint64_t(i);
-    u.sample_count = 1;
-    std::vector<float> d(8, 0.5f + float(i));
-    std::vector<std::byte> bytes(reinterpret_cast<std::byte*>(d.data()), reinterpret_cast<std::byte*>(d.data()) + 32);
-    u.deltas.push_back(net::Tensor::owning("w", net::DType::f32, {8}, bytes));
+    auto u = update_of("u" + std::to_string(i), "w", uint64_t(i), 1, 0.5f + float(i));
     auto r = runtime::push_update(node, fed.shards[primary], u, timeout);
     REQUIRE(r.accepted);
   };
@@ -362,16 +361,7 @@ TEST_CASE("replication under FedAvg with a round deadline: backups close the rou
   REQUIRE_FALSE(expert_status(backup).is_null());
 
   auto update = [&](int i, float value) {
-    net::UpdatePush u;
-    u.expert_id = "sql";
-    u.worker_id = "w" + std::to_string(i);
-    u.update_id = "u" + std::to_string(i);
-    u.base_version = 0;
-    u.sample_count = uint64_t(i + 1);
-    std::vector<float> d(8, value);
-    std::vector<std::byte> bytes(reinterpret_cast<std::byte*>(d.data()), reinterpret_cast<std::byte*>(d.data()) + 32);
-    u.deltas.push_back(net::Tensor::owning("w", net::DType::f32, {8}, bytes));
-    return u;
+    return update_of("u" + std::to_string(i), "w" + std::to_string(i), 0, uint64_t(i + 1), value);
   };
   // A worker pushing to the backup is sent to the primary.
   auto redirected = runtime::push_update(node, shards[backup], update(9, 1.0f), timeout);
