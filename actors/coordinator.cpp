@@ -94,12 +94,25 @@ void finish_gathering(Self* self, uint64_t gid) {
     for (const auto& r : p.replicas) replicas.push_back({{"shard", r.shard_id}, {"alive", r.alive}});
     j["placement_map"].push_back({{"expert_id", p.expert_id}, {"replicas", replicas}});
   }
-  // Expert versions as the shards report them.
-  nlohmann::json versions = nlohmann::json::object();
+  // Expert versions and checksums as the shards report them. Two replicas with the same version and
+  // different bytes have diverged: listed under "divergent" (an error the test suite looks for).
+  nlohmann::json versions = nlohmann::json::object(), checksums = nlohmann::json::object();
+  nlohmann::json divergent = nlohmann::json::array();
+  std::map<std::string, std::map<uint64_t, std::string>> first_seen;  // expert -> version -> checksum
   for (const auto& [shard, s] : g.shards.items())
-    for (const auto& e : s.value("experts", nlohmann::json::array()))
-      versions[e.value("expert_id", "?")][shard] = e.value("version", 0);
+    for (const auto& e : s.value("experts", nlohmann::json::array())) {
+      const auto expert = e.value("expert_id", "?");
+      const uint64_t version = e.value("version", uint64_t{0});
+      const auto checksum = e.value("checksum", "");
+      versions[expert][shard] = version;
+      checksums[expert][shard] = checksum;
+      auto [known, fresh] = first_seen[expert].emplace(version, checksum);
+      if (!fresh && known->second != checksum)
+        divergent.push_back({{"expert_id", expert}, {"version", version}, {"shard", shard}});
+    }
   j["expert_versions"] = versions;
+  j["expert_checksums"] = checksums;
+  j["divergent"] = divergent;
   j["shards"] = g.shards;
   j["workers"] = g.workers;
   j["routers"] = g.routers;

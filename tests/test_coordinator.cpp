@@ -275,6 +275,7 @@ TEST_CASE("replication: the primary forwards accepted updates - losing it loses 
   auto t1 = runtime::pull_snapshot(node, shards[third], "sql", 3, timeout);
   REQUIRE(t1.ok);
   CHECK(t1.checksum == b1.checksum);
+  CHECK(fedmoe::test::status_of(node, coord)["divergent"].empty());
 }
 
 TEST_CASE("replication: a backup restarted with nothing is seeded again by its primary, then follows it",
@@ -327,6 +328,33 @@ TEST_CASE("replication: a backup restarted with nothing is seeded again by its p
   auto seeds = fedmoe::test::status_of(node, fed.shards[primary])["seeds"];
   CHECK(seeds["retried"].get<int>() >= 1);
   CHECK(seeds["awaiting_receipt"] == 0);
+}
+
+TEST_CASE("coordinator status: replicas' checksums per version, and replicas that diverged",
+          "[coordinator][replication]") {
+  const auto timeout = std::chrono::milliseconds(30'000);
+  runtime::NodeSystem node;
+  model::PolicyConfig policy;
+  policy.name = "fedasync";
+  auto fed = fedmoe::test::start_federation(node, 3, 2, 2000, policy);
+  // The same expert and version with different bytes on shard-0 and shard-1 (pushed straight to them,
+  // as no primary would), the same bytes on shard-2.
+  for (const auto& [id, shard] : fed.shards) {
+    net::ExpertSnapshot snap;
+    snap.spec = spec("sql");
+    snap.version = 1;
+    std::vector<float> w(8, id == "shard-1" ? 1.0f : 0.0f);
+    std::vector<std::byte> bytes(reinterpret_cast<std::byte*>(w.data()), reinterpret_cast<std::byte*>(w.data()) + 32);
+    snap.tensors.push_back(net::Tensor::owning("w", net::DType::f32, {8}, bytes));
+    REQUIRE(runtime::push_snapshot(node, shard, snap, timeout).ok);
+  }
+  auto st = fedmoe::test::status_of(node, fed.coordinator);
+  CHECK(st["expert_checksums"]["sql"].size() == 3);
+  CHECK(st["expert_checksums"]["sql"]["shard-0"] == st["expert_checksums"]["sql"]["shard-2"]);
+  REQUIRE(st["divergent"].size() == 1);
+  CHECK(st["divergent"][0]["expert_id"] == "sql");
+  CHECK(st["divergent"][0]["version"] == 1);
+  CHECK(st["divergent"][0]["shard"] == "shard-1");
 }
 
 TEST_CASE("replication under FedAvg with a round deadline: backups close the round with their primary",

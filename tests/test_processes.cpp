@@ -507,6 +507,8 @@ TEST_CASE("a coordinator SIGKILLed and restarted finds its members again, epochs
   CHECK(after["placement"]["sql"].size() == 2);
   CHECK(after["unanswered"].empty());
   for (const auto& [shard, version] : after["expert_versions"]["sql"].items()) CHECK(version == 0);
+  CHECK(after["expert_checksums"]["sql"].size() == 2);
+  CHECK(after["divergent"].empty());
   for (auto& s : shards) s->signal(SIGTERM);
   for (auto& s : shards) {
     s->wait(30s);  // (collects the rest of its output)
