@@ -12,8 +12,8 @@
 #include <spdlog/spdlog.h>
 
 #include "actors/dispatch.hpp"
-#include "actors/durable_file.hpp"
 #include "actors/membership.hpp"
+#include "model/atomic_file.hpp"
 
 namespace fedmoe::actors {
 
@@ -39,7 +39,7 @@ void persist(Self* self) {
   if (dir.empty()) return;
   try {
     fs::create_directories(dir);
-    write_file_durably(fs::path(dir) / "coordinator.json", self->state.registry->to_json().dump(2) + "\n");
+    model::write_file_atomically(fs::path(dir) / "coordinator.json", self->state.registry->to_json().dump(2) + "\n");
   } catch (const std::exception& e) {
     ++self->state.errors["persist"];
     spdlog::error("{}: cannot save its state: {}", self->state.options.node_id, e.what());

@@ -49,21 +49,20 @@ void dispatch(caf::local_actor* self, net::Transport& transport, const std::stri
     return answer(0, {net::to_string(e.code), "rejected a message: " + e.detail});
   }
   const net::Message& m = received->value();
+  std::string failure;
   try {
     handle(m);
+    return;
   } catch (const std::exception& ex) {
-    ++errors["internal_error"];
-    spdlog::error("{}: handling a {} message from '{}' failed: {}", node_id, net::body_name(m.body), m.sender_id,
-                  ex.what());
-    if (!std::holds_alternative<net::ErrorReply>(m.body))
-      answer(m.correlation_id, {"internal_error", std::string("handling a ") + net::body_name(m.body) +
-                                                      " message failed: " + ex.what()});
+    failure = ex.what();
   } catch (...) {
-    ++errors["internal_error"];
-    spdlog::error("{}: handling a {} message from '{}' failed", node_id, net::body_name(m.body), m.sender_id);
-    if (!std::holds_alternative<net::ErrorReply>(m.body))
-      answer(m.correlation_id, {"internal_error", std::string("handling a ") + net::body_name(m.body) + " message failed"});
+    failure = "an exception that is not a std::exception";
   }
+  ++errors["internal_error"];
+  spdlog::error("{}: handling a {} message from '{}' failed: {}", node_id, net::body_name(m.body), m.sender_id, failure);
+  if (!std::holds_alternative<net::ErrorReply>(m.body))
+    answer(m.correlation_id,
+           {"internal_error", std::string("handling a ") + net::body_name(m.body) + " message failed: " + failure});
 }
 
 }  // namespace fedmoe::actors

@@ -215,13 +215,12 @@ void on_replica_answer(Self* self, const net::Message& m, bool accepted, const s
   if (it == st.replication_of.end()) return;  // late, after the timeout
   const uint64_t id = it->second;
   st.replication_of.erase(it);
+  auto rep = st.replications.find(id);
   if (!accepted) {
     ++st.replica_rejects;
     spdlog::warn("{}: replica {} refused a forwarded update: {}", st.node_id, m.sender_id, detail);
-    if (auto refused = st.replications.find(id); refused != st.replications.end())
-      reseed(self, refused->second.ack.expert_id, m.sender_id, detail);
+    if (rep != st.replications.end()) reseed(self, rep->second.ack.expert_id, m.sender_id, detail);
   }
-  auto rep = st.replications.find(id);
   if (rep == st.replications.end()) return;
   rep->second.waiting.erase(m.correlation_id);
   if (rep->second.waiting.empty()) finish_replication(self, id);
@@ -255,7 +254,6 @@ std::string status_json(Self* self) {
                     {"decode_errors", s.decode_errors}};
   return json_text(j);
 }
-
 
 // Every message a peer sends to the shard.
 void on_message(Self* self, const net::Message& m) {
@@ -365,15 +363,12 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
   });
   return {
       [=](join_atom, caf::actor coordinator, std::string endpoint) {
-        auto& st = self->state;
-        if (!st.link)
-          st.link = join_federation(self, st.transport, st.membership, std::move(coordinator), std::move(endpoint), "");
+        join_federation(self, self->state.transport, self->state.membership, self->state.link, std::move(coordinator),
+                        std::move(endpoint), "");
       },
       [=](join_atom, caf::actor coordinator, std::string endpoint, std::string coordinator_endpoint) {
-        auto& st = self->state;
-        if (!st.link)
-          st.link = join_federation(self, st.transport, st.membership, std::move(coordinator), std::move(endpoint),
-                                    std::move(coordinator_endpoint));
+        join_federation(self, self->state.transport, self->state.membership, self->state.link, std::move(coordinator),
+                        std::move(endpoint), std::move(coordinator_endpoint));
       },
       [=](coordinator_atom, caf::actor coordinator) { self->state.membership.coordinator = std::move(coordinator); },
       [=](peer_atom, const std::string& shard, caf::actor handle) {

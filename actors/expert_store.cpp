@@ -4,11 +4,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <stdexcept>
 #include <tuple>
 #include <utility>
@@ -17,9 +20,9 @@
 #include <spdlog/spdlog.h>
 #include <torch/torch.h>
 
-#include "actors/durable_file.hpp"
 #include "actors/registry.hpp"
 #include "actors/tensor_bridge.hpp"
+#include "model/atomic_file.hpp"
 #include "model/checkpoint.hpp"
 #include "model/safetensors.hpp"
 #include "net/checksum.hpp"
@@ -46,17 +49,6 @@ static_assert(sizeof(RecordHeader) == 24);
 
 std::string errno_text() { return std::strerror(errno); }
 
-void write_all(int fd, const void* data, size_t size, const std::string& what) {
-  auto* p = static_cast<const char*>(data);
-  while (size > 0) {
-    ssize_t n = ::write(fd, p, size);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) throw std::runtime_error("cannot write " + what + ": " + errno_text());
-    p += n;
-    size -= static_cast<size_t>(n);
-  }
-}
-
 void append_record(int fd, uint32_t kind, uint64_t pre_version, const std::vector<std::byte>& payload, bool sync,
                    const std::string& what) {
   RecordHeader h{kLogMagic, kind, pre_version, payload.size()};
@@ -64,9 +56,9 @@ void append_record(int fd, uint32_t kind, uint64_t pre_version, const std::vecto
   sum = net::checksum(payload.data(), payload.size(), sum);
   // Three writes, no copy of the payload (megabytes for a large expert); a crash between them
   // leaves a torn record, which read_log drops like any other.
-  write_all(fd, &h, sizeof h, what);
-  write_all(fd, payload.data(), payload.size(), what);
-  write_all(fd, &sum, sizeof sum, what);
+  model::write_all(fd, &h, sizeof h, what);
+  model::write_all(fd, payload.data(), payload.size(), what);
+  model::write_all(fd, &sum, sizeof sum, what);
   if (sync && ::fdatasync(fd) != 0) throw std::runtime_error("cannot flush " + what + ": " + errno_text());
 }
 
@@ -220,7 +212,10 @@ net::SnapshotReceipt ExpertStore::receipt_of(const HostedExpert& e) const {
 }
 
 void ExpertStore::remember(HostedExpert& e, const std::string& update_id) {
-  if (e.seen.insert(update_id).second) e.seen_order.push_back(update_id);
+  if (e.seen.insert(update_id).second) {
+    e.seen_order.push_back(update_id);
+    ++e.ids_unsaved;
+  }
 }
 
 net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
@@ -243,7 +238,7 @@ net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
   if (it != experts_.end()) {  // a newer version of a hosted expert: keep its ids and counters (copies, so
                                // that a failed write below leaves the hosted expert as it was)
     fresh.seen = it->second.seen;
-    fresh.seen_order = it->second.seen_order;
+    fresh.seen_order = it->second.seen_order;  // (update_ids is rewritten below)
     fresh.accepted = it->second.accepted;
     fresh.rejected = it->second.rejected;
     fresh.staleness_histogram = it->second.staleness_histogram;
@@ -263,7 +258,7 @@ net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
   fresh.history.emplace_back(snap.version, std::move(weights));
   if (!options_.state_dir.empty()) {
     // Durable before it is hosted: the snapshot (with the ids it carries), then an empty log.
-    write_snapshot(id, fresh);
+    write_snapshot(id, fresh, /*rewrite_ids=*/true);
     if (it != experts_.end()) fresh.log_fd = std::exchange(it->second.log_fd, -1);
     open_files(id, fresh, /*truncate_log=*/true);
   }
@@ -411,29 +406,55 @@ void ExpertStore::after_apply(HostedExpert& e) {
   }
 }
 
-void ExpertStore::write_snapshot(const std::string& expert_id, HostedExpert& e) {
+void ExpertStore::write_snapshot(const std::string& expert_id, HostedExpert& e, bool rewrite_ids) {
   auto dir = fs::path(options_.state_dir) / expert_id;
   if (!fs::exists(dir)) {
     fs::create_directories(dir);
-    fsync_dir(dir.parent_path());
+    model::fsync_dir(dir.parent_path());
   }
-  // The id window first: with the snapshot's records still in the log, a crash between the two files
-  // loses no id (recovery takes the ids of every record in the log, replayed or not).
-  write_ids(expert_id, e);
+  // The ids first: with the snapshot's records still in the log, a crash between the two files loses
+  // no id (recovery takes the ids of every record in the log, replayed or not).
+  write_ids(expert_id, e, rewrite_ids);
   model::write_safetensors((dir / "snapshot.safetensors").string(), e.weights.weights,
                            {{"fedmoe.version", std::to_string(e.weights.version)},
                             {"fedmoe.spec", expert_spec_to_json(e.spec).dump()}});
   e.snapshot_version = e.weights.version;
 }
 
-void ExpertStore::write_ids(const std::string& expert_id, HostedExpert& e) {
-  while (e.seen_order.size() > std::max<uint64_t>(options_.id_retention, 1)) {
+void ExpertStore::write_ids(const std::string& expert_id, HostedExpert& e, bool rewrite) {
+  const uint64_t keep = std::max<uint64_t>(options_.id_retention, 1);
+  while (e.seen_order.size() > keep) {
     e.seen.erase(e.seen_order.front());
     e.seen_order.pop_front();
   }
+  const uint64_t unsaved = std::min<uint64_t>(e.ids_unsaved, e.seen_order.size());
+  const auto path = fs::path(options_.state_dir) / expert_id / "update_ids";
   std::string lines;
-  for (const auto& id : e.seen_order) lines += id + "\n";
-  write_file_durably(fs::path(options_.state_dir) / expert_id / "update_ids", lines);
+  if (rewrite || e.ids_in_file + unsaved > 2 * keep) {  // compact: the window alone
+    for (const auto& id : e.seen_order) lines += id + "\n";
+    model::write_file_atomically(path, lines);
+    e.ids_in_file = e.seen_order.size();
+  } else if (unsaved > 0) {  // append the newest ids; a failed append is cut back off
+    for (auto it = e.seen_order.end() - static_cast<std::ptrdiff_t>(unsaved); it != e.seen_order.end(); ++it)
+      lines += *it + "\n";
+    const bool existed = fs::exists(path);
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd < 0) throw std::runtime_error("cannot open " + path.string() + ": " + errno_text());
+    const off_t before = ::lseek(fd, 0, SEEK_END);
+    try {
+      model::write_all(fd, lines.data(), lines.size(), path.string());
+      if (options_.fsync && ::fdatasync(fd) != 0) throw std::runtime_error("cannot flush " + path.string() + ": " + errno_text());
+    } catch (...) {
+      if (before >= 0 && ::ftruncate(fd, before) != 0)
+        spdlog::warn("{}: cannot cut a failed append back off: {}", path.string(), errno_text());
+      ::close(fd);
+      throw;
+    }
+    ::close(fd);
+    if (!existed) model::fsync_dir(path.parent_path());
+    e.ids_in_file += unsaved;
+  }
+  e.ids_unsaved = 0;
 }
 
 void ExpertStore::open_files(const std::string& expert_id, HostedExpert& e, bool truncate_log) {
@@ -443,7 +464,7 @@ void ExpertStore::open_files(const std::string& expert_id, HostedExpert& e, bool
   if (e.log_fd < 0) throw std::runtime_error("cannot open " + (dir / "updates.log").string() + ": " + errno_text());
   if (truncate_log && ::ftruncate(e.log_fd, 0) != 0)
     throw std::runtime_error("cannot restart " + (dir / "updates.log").string() + ": " + errno_text());
-  if (!existed) fsync_dir(dir);
+  if (!existed) model::fsync_dir(dir);
 }
 
 HostedExpert ExpertStore::load(const std::string& expert_id) {
@@ -465,9 +486,20 @@ HostedExpert ExpertStore::load(const std::string& expert_id) {
   e.policy = model::make_policy(options_.policy);
   publish(e);
   {
-    std::ifstream ids(dir / "update_ids");
-    for (std::string line; std::getline(ids, line);)
-      if (!line.empty()) remember(e, line);
+    // A last line without its newline is an append a crash interrupted: cut off (its ids are still in
+    // the log, which restarts only after the ids are written).
+    std::ifstream in(dir / "update_ids", std::ios::binary);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t whole = text.rfind('\n') == std::string::npos ? 0 : text.rfind('\n') + 1;
+    if (whole < text.size() && ::truncate((dir / "update_ids").c_str(), static_cast<off_t>(whole)) != 0)
+      throw std::runtime_error("cannot cut a torn line off " + (dir / "update_ids").string() + ": " + errno_text());
+    for (size_t at = 0; at < whole;) {
+      const size_t nl = text.find('\n', at);
+      if (nl > at) remember(e, text.substr(at, nl - at));
+      ++e.ids_in_file;
+      at = nl + 1;
+    }
+    e.ids_unsaved = 0;
   }
   uint64_t good = 0;
   std::string problem;

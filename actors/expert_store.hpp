@@ -22,6 +22,8 @@
 //
 // Duplicate detection works within a bounded window: the `id_retention` most recent ids are kept
 // (and persisted, and handed to seeded replicas), older ones are forgotten when a snapshot is taken.
+// A snapshot appends the ids accepted since the last one to update_ids; the file is rewritten with
+// the window only once it holds twice the retention, so its cost per update stays constant.
 #pragma once
 
 #include <cstdint>
@@ -80,6 +82,8 @@ struct HostedExpert {
   uint64_t published_bytes = 0;
   std::set<std::string> seen;                        // accepted update ids (the retained window)
   std::deque<std::string> seen_order;                // the same ids, oldest first (for pruning)
+  uint64_t ids_unsaved = 0;  // the newest ids of seen_order not yet in DIR/<expert>/update_ids
+  uint64_t ids_in_file = 0;  // lines in update_ids (appended at snapshots, compacted past 2 x retention)
   // counters
   uint64_t accepted = 0, versions_applied = 0;
   std::map<std::string, uint64_t> rejected;          // by reason
@@ -126,8 +130,9 @@ class ExpertStore {
   net::SnapshotReceipt receipt_of(const HostedExpert& e) const;  // what the current version is
   void after_apply(HostedExpert& e);
   void open_files(const std::string& expert_id, HostedExpert& e, bool truncate_log);
-  void write_snapshot(const std::string& expert_id, HostedExpert& e);
-  void write_ids(const std::string& expert_id, HostedExpert& e);
+  // The snapshot of the current version, after the ids (all of them rewritten with `rewrite_ids`).
+  void write_snapshot(const std::string& expert_id, HostedExpert& e, bool rewrite_ids = false);
+  void write_ids(const std::string& expert_id, HostedExpert& e, bool rewrite);
   void remember(HostedExpert& e, const std::string& update_id);
   // Appends a record to the expert's log and flushes it; on failure cuts it back off, reloads the
   // expert from disk and throws StorageError.

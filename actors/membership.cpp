@@ -109,12 +109,13 @@ caf::actor spawn_coordinator_link(caf::event_based_actor* owner, std::shared_ptr
                                    std::move(m));
 }
 
-caf::actor join_federation(caf::event_based_actor* owner, std::shared_ptr<net::Transport> transport, Membership& m,
-                           caf::actor coordinator, std::string endpoint, std::string coordinator_endpoint) {
+void join_federation(caf::event_based_actor* owner, std::shared_ptr<net::Transport> transport, Membership& m,
+                     caf::actor& link, caf::actor coordinator, std::string endpoint, std::string coordinator_endpoint) {
+  if (link) return;
   m.coordinator = std::move(coordinator);
   m.hello.endpoint = std::move(endpoint);
   m.coordinator_endpoint = std::move(coordinator_endpoint);
-  return spawn_coordinator_link(owner, std::move(transport), m);
+  link = spawn_coordinator_link(owner, std::move(transport), m);
 }
 
 }  // namespace fedmoe::actors

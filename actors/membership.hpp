@@ -50,8 +50,9 @@ caf::actor spawn_coordinator_link(caf::event_based_actor* owner, std::shared_ptr
                                   Membership m);
 
 // A member published at `endpoint` joins the federation of `coordinator` (reached again at
-// `coordinator_endpoint` after a restart; "" in one process): completes `m` and spawns its link.
-caf::actor join_federation(caf::event_based_actor* owner, std::shared_ptr<net::Transport> transport, Membership& m,
-                           caf::actor coordinator, std::string endpoint, std::string coordinator_endpoint);
+// `coordinator_endpoint` after a restart; "" in one process): completes `m` and spawns its `link`,
+// unless it has one already (a member joins once).
+void join_federation(caf::event_based_actor* owner, std::shared_ptr<net::Transport> transport, Membership& m,
+                     caf::actor& link, caf::actor coordinator, std::string endpoint, std::string coordinator_endpoint);
 
 }  // namespace fedmoe::actors

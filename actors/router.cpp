@@ -432,15 +432,12 @@ caf::behavior router(Self* self, std::shared_ptr<net::Transport> transport, Rout
   st.link = spawn_coordinator_link(self, st.transport, mem);
   return {
       [=](join_atom, caf::actor coordinator, std::string endpoint) {
-        auto& st = self->state;
-        if (!st.link)
-          st.link = join_federation(self, st.transport, st.options.membership, std::move(coordinator), std::move(endpoint), "");
+        join_federation(self, self->state.transport, self->state.options.membership, self->state.link,
+                        std::move(coordinator), std::move(endpoint), "");
       },
       [=](join_atom, caf::actor coordinator, std::string endpoint, std::string coordinator_endpoint) {
-        auto& st = self->state;
-        if (!st.link)
-          st.link = join_federation(self, st.transport, st.options.membership, std::move(coordinator), std::move(endpoint),
-                                    std::move(coordinator_endpoint));
+        join_federation(self, self->state.transport, self->state.options.membership, self->state.link,
+                        std::move(coordinator), std::move(endpoint), std::move(coordinator_endpoint));
       },
       [=](coordinator_atom, caf::actor coordinator) {
         self->state.options.membership.coordinator = std::move(coordinator);

@@ -285,8 +285,10 @@ void on_message(Self* self, const net::Message& m) {
     return follow_placement(self);
   }
   if (std::holds_alternative<net::HelloAck>(m.body)) return;
-  if (auto* err = std::get_if<net::ErrorReply>(&m.body); err && err->code == "not_a_member")
-    return st.link ? self->send(st.link, rejoin_atom::value) : void();
+  if (auto* err = std::get_if<net::ErrorReply>(&m.body); err && err->code == "not_a_member") {
+    if (st.link) self->send(st.link, rejoin_atom::value);
+    return;
+  }
   if (m.correlation_id != st.awaiting || st.awaiting == 0) return;  // late: its request was given up
   if (auto* snap = std::get_if<net::ExpertSnapshot>(&m.body)) return on_snapshot(self, m, *snap);
   if (auto* ack = std::get_if<net::UpdateAck>(&m.body)) {

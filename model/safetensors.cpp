@@ -18,6 +18,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "model/atomic_file.hpp"
+
 namespace fedmoe::model {
 
 namespace fs = std::filesystem;
@@ -205,50 +207,13 @@ struct FdGuard {
   }
 };
 
-void write_all(int fd, const void* data, size_t n, const fs::path& path) {
-  const auto* p = static_cast<const char*>(data);
-  while (n > 0) {
-    // Linux writes at most ~2 GiB per call; a large tensor takes several.
-    ssize_t w = ::write(fd, p, std::min<size_t>(n, size_t{1} << 30));
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      fail(path, "write failed: " + errno_text(errno));
-    }
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-}
-
-struct Piece {
-  const void* data;
-  size_t size;
-};
-
-// Writes `pieces` to `path` so that readers see either the old file or the whole new one, and a crash
-// leaves no partial file under that name: temporary file beside it, fsync, rename, fsync directory.
-void write_file_atomically(const fs::path& path, const std::vector<Piece>& pieces) {
-  std::string tmp = path.string() + ".tmp.XXXXXX";
-  int fd = ::mkostemp(tmp.data(), O_CLOEXEC);
-  if (fd < 0) fail(path, "cannot create a temporary file beside it: " + errno_text(errno));
+// model/atomic_file's writer, its errors as SafetensorsError ("safetensors: PATH: what failed").
+void write_checkpoint_file(const fs::path& path, const std::vector<FilePiece>& pieces) {
   try {
-    FdGuard guard{fd};
-    // mkstemp creates 0600; a checkpoint is meant to be readable like any file save_pretrained writes.
-    if (::fchmod(fd, 0644) != 0) fail(path, "fchmod of the temporary file failed: " + errno_text(errno));
-    for (const auto& piece : pieces) write_all(fd, piece.data, piece.size, path);
-    if (::fsync(fd) != 0) fail(path, "fsync failed: " + errno_text(errno));
-    guard.fd = -1;
-    if (::close(fd) != 0) fail(path, "close failed: " + errno_text(errno));
-    if (::rename(tmp.c_str(), path.c_str()) != 0) fail(path, "rename from the temporary file failed: " + errno_text(errno));
-  } catch (...) {
-    ::unlink(tmp.c_str());
-    throw;
+    write_file_atomically(path, pieces);
+  } catch (const std::runtime_error& e) {
+    throw SafetensorsError(std::string("safetensors: ") + e.what());
   }
-  // The rename is durable only once the directory entry is.
-  fs::path dir = path.parent_path().empty() ? fs::path(".") : path.parent_path();
-  int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd < 0) fail(path, "cannot open its directory to fsync it: " + errno_text(errno));
-  FdGuard dir_guard{dir_fd};
-  if (::fsync(dir_fd) != 0) fail(path, "fsync of its directory failed: " + errno_text(errno));
 }
 
 // Name, shape and byte count checks shared by both writers.
@@ -543,9 +508,9 @@ void write_safetensors(const fs::path& path, const std::vector<TensorRef>& tenso
                    std::to_string(kMaxHeaderBytes) + "-byte limit readers enforce");
 
   const uint64_t n = header.size();  // written as little-endian, as the host (static_assert above)
-  std::vector<Piece> pieces{{&n, sizeof n}, {header.data(), header.size()}};
+  std::vector<FilePiece> pieces{{&n, sizeof n}, {header.data(), header.size()}};
   for (const auto& t : tensors) pieces.push_back({t.data, t.nbytes});
-  write_file_atomically(path, pieces);
+  write_checkpoint_file(path, pieces);
 }
 
 std::vector<fs::path> write_sharded(const fs::path& dir, const std::vector<TensorRef>& tensors,
@@ -599,7 +564,7 @@ std::vector<fs::path> write_sharded(const fs::path& dir, const std::vector<Tenso
   // transformers' layout: metadata.total_size (tensor bytes, not file sizes) and a sorted weight_map.
   json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", std::move(weight_map)}};
   std::string text = index.dump(2) + "\n";
-  write_file_atomically(dir / kIndexFileName, {{text.data(), text.size()}});
+  write_checkpoint_file(dir / kIndexFileName, {{text.data(), text.size()}});
   written.push_back(dir / kIndexFileName);
   remove_stale(dir / kSingleFileName);
   return written;

@@ -134,10 +134,10 @@ std::string advertised_host(const NodeFlags& f, const net::Endpoint& listen) {
   return host;
 }
 
-NodeSystemOptions listening_options(const NodeFlags& f, const net::Endpoint& listen) {
+NodeSystemOptions listening_options(const NodeFlags& f, const net::Endpoint& listen, const std::string& advertised) {
   NodeSystemOptions opts;
   opts.bulk_bind_host = listen.host;
-  opts.bulk_advertise_host = f.bulk_advertise.empty() ? advertised_host(f, listen) : f.bulk_advertise;
+  opts.bulk_advertise_host = f.bulk_advertise.empty() ? advertised : f.bulk_advertise;
   return opts;
 }
 
@@ -149,7 +149,8 @@ void announce(const char* role, const std::string& id, const std::string& host, 
 
 int run_coordinator(const NodeFlags& f, const sigset_t& signals) {
   auto listen = must_parse(f.listen, "--listen");
-  auto opts = listening_options(f, listen);
+  const auto advertised = advertised_host(f, listen);
+  auto opts = listening_options(f, listen, advertised);
   NodeSystem node(opts);
   actors::CoordinatorOptions co;
   co.node_id = f.node_id.empty() ? "coordinator" : f.node_id;
@@ -322,7 +323,8 @@ int run_worker(const NodeFlags& f, const sigset_t& signals) {
 
 int run_shard(const NodeFlags& f, const sigset_t& signals) {
   auto listen = must_parse(f.listen, "--listen");
-  auto opts = listening_options(f, listen);
+  const auto advertised = advertised_host(f, listen);
+  auto opts = listening_options(f, listen, advertised);
   NodeSystem node(opts);
   std::string id = f.node_id.empty() ? "shard-" + std::to_string(::getpid()) : f.node_id;
   auto store = f.store;
@@ -331,8 +333,8 @@ int run_shard(const NodeFlags& f, const sigset_t& signals) {
   auto shard = node.own(node.system().spawn(actors::expert_shard_with, id, node.transport(), store));
   uint16_t port = node.publish(shard, listen.host, listen.port);
   if (auto coord = coordinator_of(node, f)) {
-    std::string advertised = advertised_host(f, listen) + ":" + std::to_string(port);
-    caf::anon_send(shard, actors::join_atom::value, coord, advertised, f.coordinator);
+    const std::string endpoint = advertised + ":" + std::to_string(port);
+    caf::anon_send(shard, actors::join_atom::value, coord, endpoint, f.coordinator);
   }
   announce("shard", id, listen.host, port, node);
   int sig = wait_for_shutdown(signals);
@@ -398,13 +400,14 @@ int run_router(const NodeFlags& f, const sigset_t& signals) {
   o.max_new_tokens = f.max_new_tokens;
   o.reply_timeout_ms = f.reply_timeout_ms;
   o.membership.heartbeat_ms = f.heartbeat_ms;
-  auto opts = listening_options(f, listen);
+  const auto advertised = advertised_host(f, listen);
+  auto opts = listening_options(f, listen, advertised);
   NodeSystem node(opts);
   auto r = node.own(node.system().spawn<caf::detached>(actors::router, node.transport(), o));
   uint16_t port = node.publish(r, listen.host, listen.port);
   if (auto coord = coordinator_of(node, f)) {
-    std::string advertised = advertised_host(f, listen) + ":" + std::to_string(port);
-    caf::anon_send(r, actors::join_atom::value, coord, advertised, f.coordinator);
+    const std::string endpoint = advertised + ":" + std::to_string(port);
+    caf::anon_send(r, actors::join_atom::value, coord, endpoint, f.coordinator);
   }
   announce("router", o.node_id, listen.host, port, node);
   int sig = wait_for_shutdown(signals);

@@ -39,7 +39,21 @@ net::ExpertSpec spec(const std::string& id) {
   return s;
 }
 
-// An update of expert "sql" (one f32 tensor "w" [8], every element `value`).
+// Expert "sql"'s one f32 tensor "w" [8], every element `value`.
+net::Tensor w_of(float value) {
+  std::vector<float> d(8, value);
+  std::vector<std::byte> bytes(reinterpret_cast<std::byte*>(d.data()), reinterpret_cast<std::byte*>(d.data()) + 32);
+  return net::Tensor::owning("w", net::DType::f32, {8}, bytes);
+}
+
+net::ExpertSnapshot snapshot_of(uint64_t version, float value) {
+  net::ExpertSnapshot snap;
+  snap.spec = spec("sql");
+  snap.version = version;
+  snap.tensors.push_back(w_of(value));
+  return snap;
+}
+
 net::UpdatePush update_of(const std::string& update_id, const std::string& worker, uint64_t base_version,
                           uint64_t samples, float value) {
   net::UpdatePush u;
@@ -48,10 +62,14 @@ net::UpdatePush update_of(const std::string& update_id, const std::string& worke
   u.update_id = update_id;
   u.base_version = base_version;
   u.sample_count = samples;
-  std::vector<float> d(8, value);
-  std::vector<std::byte> bytes(reinterpret_cast<std::byte*>(d.data()), reinterpret_cast<std::byte*>(d.data()) + 32);
-  u.deltas.push_back(net::Tensor::owning("w", net::DType::f32, {8}, bytes));
+  u.deltas.push_back(w_of(value));
   return u;
+}
+
+// The version of the expert a shard hosts (-1 while it hosts none).
+int64_t version_on(runtime::NodeSystem& node, const caf::actor& shard) {
+  auto j = fedmoe::test::status_of(node, shard);
+  return j["experts"].empty() ? -1 : j["experts"][0]["version"].get<int64_t>();
 }
 
 std::map<std::string, size_t> replicas_per_shard(const actors::Registry& r) {
@@ -234,23 +252,10 @@ TEST_CASE("replication: the primary forwards accepted updates - losing it loses 
     if (id != primary && id != backup) third = id;
 
   // Seed the primary only: it hands its snapshot to the backup itself.
-  net::ExpertSnapshot snap;
-  snap.spec = spec("sql");
-  std::vector<std::byte> zeros(4 * 8);
-  snap.tensors.push_back(net::Tensor::owning("w", net::DType::f32, {8}, zeros));
-  REQUIRE(runtime::push_snapshot(node, shards[primary], snap, timeout).ok);
-  auto status_of = [&](const caf::actor& a) {
-    auto s = runtime::node_status(node, a, timeout, &error);
-    INFO(error);
-    REQUIRE(s);
-    return nlohmann::json::parse(*s);
-  };
-  auto version_on = [&](const caf::actor& a) -> int64_t {
-    auto j = status_of(a);
-    return j["experts"].empty() ? -1 : j["experts"][0]["version"].get<int64_t>();
-  };
-  for (int i = 0; i < 50 && version_on(shards[backup]) != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  REQUIRE(version_on(shards[backup]) == 0);
+  REQUIRE(runtime::push_snapshot(node, shards[primary], snapshot_of(0, 0.0f), timeout).ok);
+  for (int i = 0; i < 50 && version_on(node, shards[backup]) != 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  REQUIRE(version_on(node, shards[backup]) == 0);
 
   // Acknowledged by the primary = applied on the backup too.
   for (int i = 0; i < 3; ++i) {
@@ -258,20 +263,20 @@ TEST_CASE("replication: the primary forwards accepted updates - losing it loses 
     auto r = runtime::push_update(node, shards[primary], u, timeout);
     REQUIRE(r.accepted);
     CHECK(r.ack.new_version == uint64_t(i + 1));
-    CHECK(version_on(shards[backup]) == i + 1);  // already there when the worker hears back
+    CHECK(version_on(node, shards[backup]) == i + 1);  // already there when the worker hears back
   }
   auto p1 = runtime::pull_snapshot(node, shards[primary], "sql", 3, timeout);
   auto b1 = runtime::pull_snapshot(node, shards[backup], "sql", 3, timeout);
   REQUIRE(p1.ok);
   REQUIRE(b1.ok);
   CHECK(p1.checksum == b1.checksum);  // bit-identical weights
-  CHECK(status_of(shards[primary])["replication"]["forwarded"] == 3);
+  CHECK(fedmoe::test::status_of(node, shards[primary])["replication"]["forwarded"] == 3);
 
   // The primary dies: the backup becomes primary, the third shard is placed and seeded with v3.
   caf::anon_send_exit(shards[primary], caf::exit_reason::kill);
-  for (int i = 0; i < 100 && version_on(shards[third]) != 3; ++i)
+  for (int i = 0; i < 100 && version_on(node, shards[third]) != 3; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  CHECK(version_on(shards[third]) == 3);
+  CHECK(version_on(node, shards[third]) == 3);
   auto t1 = runtime::pull_snapshot(node, shards[third], "sql", 3, timeout);
   REQUIRE(t1.ok);
   CHECK(t1.checksum == b1.checksum);
@@ -290,23 +295,17 @@ TEST_CASE("replication: a backup restarted with nothing is seeded again by its p
   INFO(error);
   REQUIRE(map);
   const std::string primary = map->placements[0].replicas[0].shard_id, backup = map->placements[0].replicas[1].shard_id;
-  net::ExpertSnapshot snap;
-  snap.spec = spec("sql");
-  snap.tensors.push_back(net::Tensor::owning("w", net::DType::f32, {8}, std::vector<std::byte>(32)));
-  REQUIRE(runtime::push_snapshot(node, fed.shards[primary], snap, timeout).ok);
-  auto version_on = [&](const caf::actor& a) -> int64_t {
-    auto j = fedmoe::test::status_of(node, a);
-    return j["experts"].empty() ? -1 : j["experts"][0]["version"].get<int64_t>();
-  };
+  REQUIRE(runtime::push_snapshot(node, fed.shards[primary], snapshot_of(0, 0.0f), timeout).ok);
   auto push = [&](int i) {
     auto u = update_of("u" + std::to_string(i), "w", uint64_t(i), 1, 0.5f + float(i));
     auto r = runtime::push_update(node, fed.shards[primary], u, timeout);
     REQUIRE(r.accepted);
   };
-  for (int i = 0; i < 50 && version_on(fed.shards[backup]) != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  for (int i = 0; i < 50 && version_on(node, fed.shards[backup]) != 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
   push(0);
   push(1);
-  REQUIRE(version_on(fed.shards[backup]) == 2);
+  REQUIRE(version_on(node, fed.shards[backup]) == 2);
 
   // The backup restarts within its lease holding nothing (a new disk): the same id, a new actor.
   caf::anon_send_exit(fed.shards[backup], caf::exit_reason::kill);
@@ -316,10 +315,11 @@ TEST_CASE("replication: a backup restarted with nothing is seeded again by its p
   so.membership.heartbeat_ms = 100;
   auto restarted = node.own(node.system().spawn(actors::expert_shard_node, backup, node.transport(), so));
   // Its Hello gives the primary its new handle: the primary seeds it again with what it holds.
-  for (int i = 0; i < 100 && version_on(restarted) != 2; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  REQUIRE(version_on(restarted) == 2);
+  for (int i = 0; i < 100 && version_on(node, restarted) != 2; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  REQUIRE(version_on(node, restarted) == 2);
   push(2);  // and forwarded updates apply on top of it again
-  CHECK(version_on(restarted) == 3);
+  CHECK(version_on(node, restarted) == 3);
   auto p = runtime::pull_snapshot(node, fed.shards[primary], "sql", 3, timeout);
   auto b = runtime::pull_snapshot(node, restarted, "sql", 3, timeout);
   REQUIRE(p.ok);
@@ -339,15 +339,8 @@ TEST_CASE("coordinator status: replicas' checksums per version, and replicas tha
   auto fed = fedmoe::test::start_federation(node, 3, 2, 2000, policy);
   // The same expert and version with different bytes on shard-0 and shard-1 (pushed straight to them,
   // as no primary would), the same bytes on shard-2.
-  for (const auto& [id, shard] : fed.shards) {
-    net::ExpertSnapshot snap;
-    snap.spec = spec("sql");
-    snap.version = 1;
-    std::vector<float> w(8, id == "shard-1" ? 1.0f : 0.0f);
-    std::vector<std::byte> bytes(reinterpret_cast<std::byte*>(w.data()), reinterpret_cast<std::byte*>(w.data()) + 32);
-    snap.tensors.push_back(net::Tensor::owning("w", net::DType::f32, {8}, bytes));
-    REQUIRE(runtime::push_snapshot(node, shard, snap, timeout).ok);
-  }
+  for (const auto& [id, shard] : fed.shards)
+    REQUIRE(runtime::push_snapshot(node, shard, snapshot_of(1, id == "shard-1" ? 1.0f : 0.0f), timeout).ok);
   auto st = fedmoe::test::status_of(node, fed.coordinator);
   CHECK(st["expert_checksums"]["sql"].size() == 3);
   CHECK(st["expert_checksums"]["sql"]["shard-0"] == st["expert_checksums"]["sql"]["shard-2"]);
@@ -374,11 +367,7 @@ TEST_CASE("replication under FedAvg with a round deadline: backups close the rou
   INFO(error);
   REQUIRE(map);
   const std::string primary = map->placements[0].replicas[0].shard_id, backup = map->placements[0].replicas[1].shard_id;
-  net::ExpertSnapshot snap;
-  snap.spec = spec("sql");
-  std::vector<std::byte> zeros(4 * 8);
-  snap.tensors.push_back(net::Tensor::owning("w", net::DType::f32, {8}, zeros));
-  REQUIRE(runtime::push_snapshot(node, shards[primary], snap, timeout).ok);
+  REQUIRE(runtime::push_snapshot(node, shards[primary], snapshot_of(0, 0.0f), timeout).ok);
   auto expert_status = [&](const std::string& id) {
     auto s = runtime::node_status(node, shards[id], timeout, &error);
     REQUIRE(s);

@@ -388,3 +388,33 @@ TEST_CASE("store: a seeding snapshot hands over the update ids already folded in
   CHECK(again.push(update("u0", 5, 1.0f)).reject.reason == net::RejectReason::duplicate_update);
   CHECK(again.push(update("u3", 5, 1.0f)).reject.reason == net::RejectReason::duplicate_update);
 }
+
+TEST_CASE("store: the id window is bounded on disk too - appended at snapshots, compacted at twice the retention",
+          "[store]") {
+  TempDir dir;
+  auto o = options("fedasync", dir.path.string());
+  o.snapshot_every = 1;
+  o.id_retention = 4;
+  const auto ids_file = dir.path / "sql" / "update_ids";
+  auto lines = [&] {
+    std::ifstream in(ids_file);
+    size_t n = 0;
+    for (std::string line; std::getline(in, line);) ++n;
+    return n;
+  };
+  {
+    actors::ExpertStore store(o);
+    store.install(initial());
+    for (int i = 0; i < 20; ++i) {
+      REQUIRE(store.push(update("u" + std::to_string(i), uint64_t(i), 0.1f)).accepted);
+      CHECK(lines() <= 8);                         // never more than twice the retention
+      CHECK(store.find("sql")->seen.size() <= 5);  // the window, plus the id not yet snapshotted
+    }
+  }
+  { std::ofstream(ids_file, std::ios::app) << "u-torn-by-a-cra"; }  // a crash mid-append
+  actors::ExpertStore again(o);
+  CHECK(lines() <= 8);  // the torn line was cut off
+  for (int i = 16; i < 20; ++i)  // the retained window survives the restart
+    CHECK(again.push(update("u" + std::to_string(i), 20, 0.1f)).reject.reason == net::RejectReason::duplicate_update);
+  CHECK(again.find("sql")->seen.count("u-torn-by-a-cra") == 0);
+}
