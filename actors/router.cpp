@@ -369,7 +369,6 @@ std::string status_json(Self* self) {
   return json_text(j);
 }
 
-
 // Every message a client, a shard or the coordinator sends to the router.
 void on_message(Self* self, const net::Message& m) {
   auto& st = self->state;

@@ -87,6 +87,8 @@ struct TextField {
       source = &fixed;
     }
   }
+  TextField(const TextField&) = delete;  // `source` may point into this object
+  TextField& operator=(const TextField&) = delete;
   operator capnp::Text::Reader() const { return {source->data(), source->size()}; }
 };
 TextField text(const std::string& s) { return TextField(s); }

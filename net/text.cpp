@@ -50,7 +50,10 @@ std::string valid_utf8(std::string_view s) {
     // One replacement for the maximal subpart: a lead byte and the continuation bytes that follow it
     // as far as they could still belong to its sequence (Unicode 15, 3.9 "U+FFFD substitution").
     const auto lead = static_cast<uint8_t>(s[i]);
-    size_t want = lead >= 0xF0 && lead <= 0xF4 ? 4 : lead >= 0xE0 && lead <= 0xEF ? 3 : lead >= 0xC2 && lead <= 0xDF ? 2 : 1;
+    const size_t want = lead >= 0xF0 && lead <= 0xF4   ? 4
+                        : lead >= 0xE0 && lead <= 0xEF ? 3
+                        : lead >= 0xC2 && lead <= 0xDF ? 2
+                                                       : 1;
     size_t n = 1;
     while (n < want && i + n < s.size() && (static_cast<uint8_t>(s[i + n]) & 0xC0) == 0x80) ++n;
     out += "\xEF\xBF\xBD";

@@ -117,11 +117,13 @@ caf::actor coordinator_of(NodeSystem& node, const NodeFlags& f) {
   return node.connect(ep.host, ep.port);
 }
 
-// The host peers reach this node at: --advertise; else the --listen host unless it is a wildcard
-// (0.0.0.0, ::), which no peer can connect to; then the local address on the route to the
-// coordinator, or to the outside world, or this host's name.
+// The host peers reach this node at: --advertise (or --bulk-advertise, which served both before
+// --advertise existed); else the --listen host unless it is a wildcard (0.0.0.0, ::), which no peer
+// can connect to; then the local address on the route to the coordinator, or to the outside world,
+// or this host's name.
 std::string advertised_host(const NodeFlags& f, const net::Endpoint& listen) {
   if (!f.advertise.empty()) return f.advertise;
+  if (!f.bulk_advertise.empty()) return f.bulk_advertise;
   if (!net::is_wildcard_host(listen.host)) return listen.host;
   std::string host;
   if (auto coord = net::parse_endpoint(f.coordinator)) host = net::local_address_toward(coord->host, coord->port);
@@ -649,7 +651,8 @@ int node_main(int argc, char** argv) {
                  "host that peers use to reach this node, its actor and its bulk channel (default: the --listen "
                  "host; for a wildcard --listen 0.0.0.0 or [::], this host's address on the route to the coordinator)");
   app.add_option("--bulk-advertise", nf.bulk_advertise,
-                 "host that peers use to reach this node's bulk channel, when it differs from --advertise");
+                 "host that peers use to reach this node's bulk channel, when it differs from --advertise "
+                 "(without --advertise it is advertised for the node's actor too, as before --advertise existed)");
 
   app.add_option("--coordinator", nf.coordinator, "HOST:PORT of the coordinator to join");
   app.add_option("--heartbeat-ms", nf.heartbeat_ms, "heartbeat period towards the coordinator");

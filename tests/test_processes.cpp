@@ -453,12 +453,14 @@ TEST_CASE("a coordinator SIGKILLed and restarted finds its members again, epochs
   REQUIRE(std::regex_search(*line, m, std::regex(R"(listening on 127\.0\.0\.1:(\d+))")));
   const std::string port = m[1];
   const std::string c = "127.0.0.1:" + port;
-  // Shards listening on every interface: each advertises the address on its route to the coordinator.
+  // Shards listening on every interface: shard-0 advertises the address on its route to the
+  // coordinator, shard-1 the host its --bulk-advertise names (which served both before --advertise).
   std::vector<std::unique_ptr<Child>> shards;
   for (int i = 0; i < 2; ++i) {
-    shards.push_back(std::make_unique<Child>(std::vector<std::string>{
-        kNode, "--role", "shard", "--listen", "0.0.0.0:0", "--node-id", "shard-" + std::to_string(i), "--coordinator", c,
-        "--heartbeat-ms", "200"}));
+    std::vector<std::string> args{kNode, "--role", "shard", "--listen", "0.0.0.0:0", "--node-id",
+                                  "shard-" + std::to_string(i), "--coordinator", c, "--heartbeat-ms", "200"};
+    if (i == 1) args.insert(args.end(), {"--bulk-advertise", "localhost"});
+    shards.push_back(std::make_unique<Child>(args));
     REQUIRE(shards.back()->wait_for_line("listening on 0.0.0.0:", 30s));
   }
   auto status = [&] {
@@ -481,8 +483,10 @@ TEST_CASE("a coordinator SIGKILLed and restarted finds its members again, epochs
   REQUIRE(es == 0);  // the replicas were reached at their advertised addresses, not at 0.0.0.0
   CHECK(nlohmann::json::parse(eout.substr(eout.find('{')))["replicas"].size() == 2);
   auto before = status();
-  for (const auto& member : before["members"])
-    if (member["role"] == "shard") CHECK(member["endpoint"].get<std::string>().rfind("0.0.0.0", 0) != 0);
+  for (const auto& member : before["members"]) {
+    if (member["node_id"] == "shard-0") CHECK(member["endpoint"].get<std::string>().rfind("127.0.0.1:", 0) == 0);
+    if (member["node_id"] == "shard-1") CHECK(member["endpoint"].get<std::string>().rfind("localhost:", 0) == 0);
+  }
   const uint64_t epoch_before = before["epoch"];
 
   coord->signal(SIGKILL);
