@@ -598,7 +598,12 @@ int run_expert(const ExpertFlags& f) {
         if (!rep || net::is_wildcard_host(rep->host))
           throw std::runtime_error("replica " + r.shard_id + " has no reachable endpoint ('" + r.endpoint +
                                    "'; start it with --advertise HOST)");
-        auto pushed = push_snapshot(node, node.connect(rep->host, rep->port), snap, timeout);
+        PushResult pushed;
+        try {
+          pushed = push_snapshot(node, node.connect(rep->host, rep->port), snap, timeout);
+        } catch (const std::exception& e) {
+          pushed.error = e.what();
+        }
         if (!pushed.ok) throw std::runtime_error("seeding replica " + r.shard_id + ": " + pushed.error);
         seeded.push_back(r.shard_id);
       }

@@ -2,6 +2,9 @@
 // zero-copy behaviour, the stream framing, every DecodeErrc on crafted input, fuzzed input, checksums.
 #include <catch2/catch.hpp>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
 #include <optional>
@@ -19,6 +22,7 @@
 #include "net/checksum.hpp"
 #include "net/codec.hpp"
 #include "net/fedmoe.capnp.h"
+#include "net/random_id.hpp"
 #include "net/text.hpp"
 
 using namespace fedmoe::net;
@@ -1115,4 +1119,38 @@ TEST_CASE("text: cuts on code-point boundaries, replaces ill-formed subparts", "
   CHECK(valid_utf8("\x80\x80") == "\xEF\xBF\xBD\xEF\xBF\xBD");  // two lone continuation bytes: two
   CHECK(valid_utf8("x\xC0\xAFy") == "x\xEF\xBF\xBD\xEF\xBF\xBDy");
   CHECK(is_valid_utf8(utf8_head("\xE8\xAF\xB7\xFF\xE7\x94", 80)));
+}
+
+TEST_CASE("random ids: 128 bits, and two processes started alike never draw the same one", "[random_id]") {
+  std::set<std::string> ids;
+  for (int i = 0; i < 10000; ++i) {
+    auto id = random_id_128();
+    REQUIRE(id.size() == 32);
+    REQUIRE(id.find_first_not_of("0123456789abcdef") == std::string::npos);
+    ids.insert(id);
+  }
+  CHECK(ids.size() == 10000);
+  // A restarted worker is a new process in the same state as the old one: a generator seeded at start
+  // (as update ids once were) would repeat itself in two forked children; the kernel's does not.
+  auto child_id = [] {
+    int fds[2];
+    REQUIRE(::pipe(fds) == 0);
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+      const auto id = random_id_128();
+      ssize_t n = ::write(fds[1], id.data(), id.size());
+      ::_exit(n == static_cast<ssize_t>(id.size()) ? 0 : 1);
+    }
+    ::close(fds[1]);
+    char buf[32];
+    size_t got = 0;
+    for (ssize_t n; got < sizeof buf && (n = ::read(fds[0], buf + got, sizeof buf - got)) > 0;) got += size_t(n);
+    ::close(fds[0]);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    REQUIRE(got == sizeof buf);
+    return std::string(buf, sizeof buf);
+  };
+  CHECK(child_id() != child_id());
 }

@@ -522,6 +522,40 @@ TEST_CASE("a coordinator SIGKILLed and restarted finds its members again, epochs
   fs::remove_all(dir);
 }
 
+TEST_CASE("fedmoe-node expert --add is all or nothing: a replica it cannot seed withdraws the registration",
+          "[process][federation]") {
+  std::string tmpl = (fs::temp_directory_path() / "fedmoe_add_XXXXXX").string();
+  REQUIRE(mkdtemp(tmpl.data()) != nullptr);
+  const fs::path dir = tmpl;
+  fs::create_directories(dir / "base");
+  fs::copy_file(FEDMOE_SOURCE_DIR "/examples/models/fedmoe-tiny.json", dir / "base" / "config.json");
+  auto coord = start_shard({"--role", "coordinator", "--listen", "127.0.0.1:0", "--replication", "1"});
+  const std::string c = endpoint(coord.port);
+  // A shard that tells peers a host nobody can resolve.
+  Child shard({kNode, "--role", "shard", "--listen", "127.0.0.1:0", "--node-id", "lost-shard", "--coordinator", c,
+               "--advertise", "no-such-host.invalid", "--heartbeat-ms", "200"});
+  REQUIRE(shard.wait_for_line("listening on", 30s));
+  auto status = [&] {
+    auto [st, out] = run({kNode, "status", "--coordinator", c}, 30s);
+    INFO(out);
+    REQUIRE(st == 0);
+    return nlohmann::json::parse(out.substr(out.find('{')));
+  };
+  for (int i = 0; i < 50 && status()["members"].empty(); ++i) std::this_thread::sleep_for(100ms);
+  auto [es, eout] = run({kNode, "expert", "--coordinator", c, "--add", "sql", "--base-model", (dir / "base").string(),
+                         "--rank", "2", "--alpha", "4", "--targets", "q_proj"},
+                        60s);
+  INFO(eout);
+  CHECK(es == 1);
+  CHECK_THAT(eout, Catch::Contains("lost-shard") && Catch::Contains("was withdrawn"));
+  auto after = status();
+  CHECK(after["experts"].empty());  // no half registration left behind
+  CHECK(after["placement"].empty());
+  shard.signal(SIGTERM);
+  coord.process->signal(SIGTERM);
+  fs::remove_all(dir);
+}
+
 TEST_CASE("the real-clock simulation runs a whole federation in one process with real training", "[process][sim]") {
   const std::string src = FEDMOE_SOURCE_DIR;
   std::string tmpl = (fs::temp_directory_path() / "fedmoe_realsim_XXXXXX").string();
