@@ -8,6 +8,7 @@
 #include <caf/scoped_actor.hpp>
 #include <caf/send.hpp>
 
+#include "actors/dispatch.hpp"
 #include "actors/expert_shard.hpp"
 #include "net/checksum.hpp"
 #include "runtime/node_system.hpp"
@@ -158,4 +159,61 @@ TEST_CASE("a shard answers bad frames with the reason and keeps serving", "[tran
   REQUIRE(status);
   CHECK_THAT(*status, Catch::Contains("\"bad_segment_table\":1"));
   CHECK_THAT(*status, Catch::Contains("\"transfer_failed\":1"));
+}
+
+namespace {
+
+struct ThrowingState {
+  std::map<std::string, uint64_t> errors;
+  uint64_t handled = 0;
+};
+
+// An actor whose handler throws on a Leave (a bug, a library's surprise) and answers StatusRequests
+// with how many errors it counted.
+caf::behavior throwing_actor(caf::stateful_actor<ThrowingState>* self, std::shared_ptr<net::Transport> transport) {
+  return {[=](net::WireFrame& frame) {
+    actors::dispatch(self, *transport, "thrower", self->state.errors, frame, [&](const net::Message& m) {
+      ++self->state.handled;
+      if (std::holds_alternative<net::Leave>(m.body)) throw std::runtime_error("a bug in the handler");
+      if (auto* req = std::get_if<net::StatusRequest>(&m.body))
+        transport->send(self, caf::actor_cast<caf::actor>(self->current_sender()), "thrower", m.correlation_id,
+                        net::StatusReply{req->request_id, "thrower", net::Role::shard,
+                                         actors::json_text({{"internal_error", self->state.errors["internal_error"]},
+                                                            {"handled", self->state.handled}})});
+    });
+  }};
+}
+
+}  // namespace
+
+TEST_CASE("dispatch: an exception in a handler is answered with internal_error and the actor serves on",
+          "[transport][dispatch]") {
+  runtime::NodeSystem node;
+  auto actor = node.own(node.system().spawn(throwing_actor, node.transport()));
+  caf::scoped_actor self{node.system()};
+  for (int round = 0; round < 3; ++round) {
+    net::Message leave;
+    leave.correlation_id = 7 + round;
+    leave.body = net::Leave{"n1", "bye"};
+    node.transport()->send(caf::actor{self}, actor, leave);
+    auto reply = node.transport()->await(self, kTimeout);
+    REQUIRE(reply);
+    REQUIRE(reply->ok());
+    CHECK(reply->value().correlation_id == uint64_t(7 + round));
+    auto* err = std::get_if<net::ErrorReply>(&reply->value().body);
+    REQUIRE(err);
+    CHECK(err->code == "internal_error");
+    CHECK_THAT(err->detail, Catch::Contains("leave") && Catch::Contains("a bug in the handler"));
+  }
+  std::string error;
+  auto status = runtime::node_status(node, actor, kTimeout, &error);
+  INFO(error);
+  REQUIRE(status);  // still alive, still answering
+  auto j = nlohmann::json::parse(*status);
+  CHECK(j["internal_error"] == 3);
+  CHECK(j["handled"] == 4);
+  // Invalid UTF-8 in a status document is replaced, not thrown.
+  const auto text = actors::json_text({{"prompt", std::string("cut \xE8\xAF")}});
+  CHECK_THAT(text, Catch::Contains("cut \xEF\xBF\xBD"));
+  CHECK_FALSE(nlohmann::json::parse(text, nullptr, false).is_discarded());
 }
