@@ -4,7 +4,11 @@
 // <catch2/catch.hpp> (see test_qwen2.cpp).
 #pragma once
 
+#include <sys/mount.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <cmath>
 #include <filesystem>
@@ -96,6 +100,30 @@ struct TempDir {
     path = tmpl;
   }
   ~TempDir() { fs::remove_all(path); }
+};
+
+// A small tmpfs: a real full disk. Needs CAP_SYS_ADMIN (root); skipped with a message otherwise.
+struct SmallDisk {
+  TempDir dir;
+  bool mounted = false;
+  explicit SmallDisk(const std::string& size) {
+    mounted = ::mount("tmpfs", dir.path.c_str(), "tmpfs", 0, ("size=" + size).c_str()) == 0;
+    if (!mounted) WARN("skipped: cannot mount a tmpfs here (" << std::strerror(errno) << "; the test needs root)");
+  }
+  ~SmallDisk() {
+    if (mounted) ::umount2(dir.path.c_str(), MNT_DETACH);
+  }
+  // Fills the disk up with DIR/filler, then frees `leave` bytes of it (rounded to pages by tmpfs).
+  void fill(uint64_t leave = 0) const {
+    {
+      std::ofstream filler(dir.path / "filler", std::ios::binary);
+      std::string block(4096, 'x');
+      while (filler.write(block.data(), static_cast<std::streamsize>(block.size()))) {
+      }
+    }
+    fs::resize_file(dir.path / "filler", fs::file_size(dir.path / "filler") - leave);
+  }
+  void free() const { fs::remove(dir.path / "filler"); }
 };
 
 }  // namespace fedmoe::test

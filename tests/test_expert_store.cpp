@@ -8,7 +8,6 @@
 #undef CHECK
 #include <catch2/catch.hpp>
 
-#include <sys/mount.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -36,6 +35,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
+using fedmoe::test::SmallDisk;
 using fedmoe::test::TempDir;
 
 // A rank-2 LoRA pair on one 4x3 projection, PEFT names.
@@ -235,19 +235,6 @@ TEST_CASE("store: a damaged record with acknowledged records after it is an erro
   CHECK_THROWS_WITH(actors::ExpertStore(o), Contains("refusing to drop acknowledged updates") && Contains("updates.log"));
 }
 
-// A small tmpfs: a real full disk. Needs CAP_SYS_ADMIN (root); skipped with a message otherwise.
-struct SmallDisk {
-  TempDir dir;
-  bool mounted = false;
-  explicit SmallDisk(const std::string& size) {
-    mounted = ::mount("tmpfs", dir.path.c_str(), "tmpfs", 0, ("size=" + size).c_str()) == 0;
-    if (!mounted) WARN("skipped: cannot mount a tmpfs here (" << std::strerror(errno) << "; the test needs root)");
-  }
-  ~SmallDisk() {
-    if (mounted) ::umount2(dir.path.c_str(), MNT_DETACH);
-  }
-};
-
 TEST_CASE("store: a full disk refuses the update with a StorageError, changes nothing, loses nothing acknowledged",
           "[store][disk]") {
   for (const char* policy : {"fedasync", "fedbuff"}) {
@@ -263,13 +250,7 @@ TEST_CASE("store: a full disk refuses the update with a StorageError, changes no
     {
       actors::ExpertStore store(o);
       store.install(initial());
-      {  // leave a few KiB
-        std::ofstream filler(disk.dir.path / "filler", std::ios::binary);
-        std::string block(4096, 'x');
-        while (filler.write(block.data(), block.size())) {
-        }
-      }
-      fs::resize_file(disk.dir.path / "filler", fs::file_size(disk.dir.path / "filler") - 6 * 4096);
+      disk.fill(6 * 4096);  // leave a few KiB
       for (int i = 0; i < 400 && !refused; ++i) {
         auto u = update("u" + std::to_string(i), store.find("sql")->weights.version, 0.01f * float(i + 1));
         const auto before_version = store.find("sql")->weights.version;
@@ -302,7 +283,7 @@ TEST_CASE("store: a full disk refuses the update with a StorageError, changes no
       }
       REQUIRE(refused);
       REQUIRE(acknowledged.size() >= 2);
-      fs::remove(disk.dir.path / "filler");  // space again: the same update goes through now
+      disk.free();  // space again: the same update goes through now
       REQUIRE(store.push(*refused).accepted);
       REQUIRE(memory.push(*refused).accepted);
       acknowledged.push_back(*refused);

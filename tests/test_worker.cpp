@@ -176,6 +176,42 @@ TEST_CASE("a worker fails over from a dead replica to a live one", "[worker]") {
   CHECK(s["rounds"][0]["replica"] == "shard-live");
 }
 
+TEST_CASE("a worker whose push meets a full disk pushes the same update again once there is space", "[worker][disk]") {
+  Fixture fx;
+  fedmoe::test::SmallDisk disk("4m");
+  if (!disk.mounted) return;
+  runtime::NodeSystem node;
+  actors::ExpertStoreOptions so;
+  so.policy.name = "fedasync";
+  so.state_dir = (disk.dir.path / "state").string();
+  auto shard = node.own(node.system().spawn(actors::expert_shard_with, std::string("shard-1"), node.transport(), so));
+  REQUIRE(runtime::push_snapshot(node, shard, fx.initial(), kTimeout).ok);
+  disk.fill();  // no room for the update's log record
+  actors::WorkerOptions o;
+  o.worker_id = "w-disk";
+  o.expert_id = "sql";
+  o.replicas = {shard};
+  o.trainer = fx.trainer(9);
+  o.rounds = 1;
+  o.retry_ms = 20;
+  auto w = node.own(node.system().spawn<caf::detached>(actors::worker, node.transport(), o));
+  for (int i = 0; i < 600 && status_of(node, w)["pushes_retried"].value("storage_error", 0) < 2; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  REQUIRE(status_of(node, w)["pushes_retried"].value("storage_error", 0) >= 2);  // refused while full...
+  auto held = status_of(node, shard)["experts"][0];
+  CHECK(held["version"] == 0);  // ...and nothing applied
+  CHECK(held["storage_errors"].get<int>() >= 2);
+  disk.free();
+  wait_finished(node, {w});
+  auto s = status_of(node, w);
+  CHECK(s["accepted"] == 1);  // the same update, not a retrained one: one round, accepted
+  CHECK(s["rounds_done"] == 1);
+  CHECK(s["rounds"][0]["verdict"] == "accepted");
+  auto after = status_of(node, shard)["experts"][0];
+  CHECK(after["version"] == 1);
+  CHECK(after["accepted"] == 1);
+}
+
 TEST_CASE("a worker follows the placement: its replicas come from the coordinator and change when one dies",
           "[worker][placement]") {
   Fixture fx;
