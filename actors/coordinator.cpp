@@ -92,7 +92,11 @@ void finish_gathering(Self* self, uint64_t gid) {
   for (const auto& p : self->state.registry->placement().placements) {
     nlohmann::json replicas = nlohmann::json::array();
     for (const auto& r : p.replicas) replicas.push_back({{"shard", r.shard_id}, {"alive", r.alive}});
-    j["placement_map"].push_back({{"expert_id", p.expert_id}, {"replicas", replicas}});
+    j["placement_map"].push_back({{"expert_id", p.expert_id},
+                                  {"replicas", replicas},
+                                  {"term", p.term},
+                                  {"in_sync", p.in_sync},
+                                  {"min_in_sync", p.min_in_sync}});
   }
   // Expert versions and checksums as the shards report them. Two replicas with the same version and
   // different bytes have diverged: listed under "divergent" (an error the test suite looks for).
@@ -187,6 +191,21 @@ void on_message(Self* self, const net::Message& m) {
     }
     remember_sender(self, hb->node_id);
     if (st.registry->heartbeat(*hb, net::steady_ms_now())) changed(self, true);
+    // The answer renews the member's lease: a primary that hears nothing for half a lease stops
+    // acknowledging (it may have been replaced on the other side of a partition).
+    return reply(self, m.correlation_id, net::HelloAck{true, st.options.registry.lease_ms, "", st.options.node_id});
+  }
+  if (auto* isr = std::get_if<net::IsrChange>(&m.body)) {
+    auto why = st.registry->isr_change(m.sender_id, *isr);
+    if (!why.empty()) {
+      ++st.errors["isr_change_refused"];
+      spdlog::warn("{}: in-sync change of '{}' from {} refused: {}", st.options.node_id, isr->expert_id, m.sender_id, why);
+      return reply(self, m.correlation_id, net::ErrorReply{"isr_change_refused", why});
+    }
+    spdlog::info("{}: in-sync set of '{}' is now [{}] ({})", st.options.node_id, isr->expert_id,
+                 [&] { std::string out; for (const auto& s : isr->in_sync) out += (out.empty() ? "" : ", ") + s; return out; }(),
+                 isr->reason);
+    changed(self, true);  // durable before anyone hears of it; broadcast includes the sender
     return;
   }
   if (auto* leave = std::get_if<net::Leave>(&m.body)) {

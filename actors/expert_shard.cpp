@@ -19,65 +19,30 @@ namespace {
 using Self = caf::stateful_actor<ExpertShardState>;
 // (expert id, version the round started at): FedAvg's round deadline, sent by the shard to itself.
 using round_deadline_atom = caf::atom_constant<caf::atom("rdeadline")>;
-using replication_timeout_atom = caf::atom_constant<caf::atom("rtimeout")>;
-using seed_timeout_atom = caf::atom_constant<caf::atom("stimeout")>;
+// Periodic: replicas that stay silent leave the in-sync set, seeds are retried, waiters give up.
+using replication_tick_atom = caf::atom_constant<caf::atom("rtick")>;
 
-// The primary of `expert` in the latest map, or nullptr when no map places it (a standalone shard).
-const std::string* primary_of(Self* self, const std::string& expert) {
-  auto it = self->state.replicas.find(expert);
-  return it == self->state.replicas.end() || it->second.empty() ? nullptr : &it->second.front();
+int64_t now_ms() { return net::steady_ms_now(); }
+
+void send_to(Self* self, const caf::actor& to, uint64_t correlation_id, net::Body body) {
+  self->state.transport->send(self, to, self->state.node_id, correlation_id, std::move(body));
 }
 
-bool is_primary(Self* self, const std::string& expert) {
-  const auto* p = primary_of(self, expert);
-  return p && *p == self->state.node_id;
+void send_to_shard(Self* self, const std::string& shard, uint64_t correlation_id, net::Body body) {
+  auto peer = self->state.peers.find(shard);
+  if (peer != self->state.peers.end() && peer->second) send_to(self, peer->second, correlation_id, std::move(body));
+}
+
+// The expert's primary in the latest map, or nullptr when no map places it (a standalone shard).
+const std::string* primary_of(Self* self, const std::string& expert) {
+  auto it = self->state.primary.find(expert);
+  return it == self->state.primary.end() ? nullptr : &it->second;
 }
 
 // Whether this shard decides for `expert`: its primary, or a shard outside any placement (standalone).
 bool leads(Self* self, const std::string& expert) {
   const auto* p = primary_of(self, expert);
   return !p || *p == self->state.node_id;
-}
-
-void send_to(Self* self, const caf::actor& to, uint64_t correlation_id, net::Body body) {
-  self->state.transport->send(self, to, self->state.node_id, correlation_id, std::move(body));
-}
-
-// As the primary: give replicas that are new to an expert our current version (before any forwarded
-// update, which then applies on top of it). Not while updates are pending in a FedAvg round or a
-// FedBuff buffer: the snapshot would not carry them.
-void seed_replicas(Self* self) {
-  auto& st = self->state;
-  for (const auto& [expert, shards] : st.replicas) {
-    if (!is_primary(self, expert)) continue;
-    const auto* e = st.store->find(expert);
-    if (!e || !e->policy->pending().empty()) continue;
-    for (const auto& shard : shards) {
-      if (shard == st.node_id || st.seeded[expert].count(shard)) continue;
-      auto peer = st.peers.find(shard);
-      if (peer == st.peers.end()) continue;
-      // With the update ids folded in so far: should the replica become primary, a repeated id is
-      // still recognised.
-      auto seed = e->published;
-      seed.seen_update_ids.assign(e->seen_order.begin(), e->seen_order.end());
-      const uint64_t corr = st.next_correlation++;
-      send_to(self, peer->second, corr, std::move(seed));
-      st.seeded[expert].insert(shard);
-      st.seed_of[corr] = {expert, shard};
-      ++st.seeds_sent;
-      self->delayed_send(self, std::chrono::milliseconds(st.replication_timeout_ms), seed_timeout_atom::value, corr);
-      spdlog::info("{}: seeded replica {} of '{}' with v{}", st.node_id, shard, expert, e->weights.version);
-    }
-  }
-}
-
-// `shard` needs our snapshot of `expert` again (its seed failed, it restarted, it fell out of order).
-void reseed(Self* self, const std::string& expert, const std::string& shard, const std::string& why) {
-  auto& st = self->state;
-  if (!st.seeded[expert].erase(shard)) return;
-  ++st.seeds_retried;
-  spdlog::warn("{}: replica {} of '{}' is seeded again: {}", st.node_id, shard, expert, why);
-  seed_replicas(self);
 }
 
 // Tells subscribers of every expert whose version moved past the last announced one.
@@ -105,14 +70,6 @@ void subscribe(Self* self, const std::string& expert) {
   if (e) last = std::max(last, e->weights.version);  // the subscriber has this one: it just pulled it
 }
 
-void finish_replication(Self* self, uint64_t id) {
-  auto it = self->state.replications.find(id);
-  if (it == self->state.replications.end()) return;
-  for (auto corr : it->second.waiting) self->state.replication_of.erase(corr);
-  send_to(self, it->second.worker, it->second.worker_correlation, it->second.ack);
-  self->state.replications.erase(it);
-}
-
 void reply(Self* self, uint64_t correlation_id, net::Body body) {
   auto to = caf::actor_cast<caf::actor>(self->current_sender());
   if (!to) return;  // an anonymous sender cannot be answered
@@ -125,18 +82,404 @@ void reply_error(Self* self, uint64_t correlation_id, const std::string& code, c
   reply(self, correlation_id, net::ErrorReply{code, detail});
 }
 
+
+// --- the primary's side --------------------------------------------------------------------------
+
+ExpertShardState::Leadership* leadership(Self* self, const std::string& expert) {
+  auto it = self->state.leading.find(expert);
+  return it == self->state.leading.end() ? nullptr : &it->second;
+}
+
+// Whether the coordinator answered within half a lease: past that, another primary may have been
+// chosen on the other side of a partition, and this one must not acknowledge anything.
+bool lease_holds(Self* self) {
+  const auto& st = self->state;
+  if (!st.membership.coordinator || st.lease_ms == 0) return true;  // standalone, or not joined yet
+  return now_ms() - st.last_coordinator_ms <= st.lease_ms / 2;
+}
+
+// Sends `shard` our snapshot of `expert` under our term: its entries follow once it answers.
+void seed(Self* self, const std::string& expert, const std::string& shard, const std::string& why) {
+  auto& st = self->state;
+  auto* l = leadership(self, expert);
+  if (!l || !st.store->find(expert)) return;
+  auto& f = l->followers[shard];
+  if (f.seed_correlation != 0) ++st.counters.seeds_retried;
+  auto snap = st.store->seed(expert);
+  snap.term = l->term;
+  f.synced = false;
+  f.seed_correlation = st.next_correlation++;
+  f.seed_sent_ms = now_ms();
+  f.sent_lsn = snap.lsn;
+  ++st.counters.seeds_sent;
+  spdlog::info("{}: seeding {} with '{}' v{} (entry {}, term {}): {}", st.node_id, shard, expert, snap.version, snap.lsn,
+               l->term, why);
+  send_to_shard(self, shard, f.seed_correlation, std::move(snap));
+}
+
+// Sends `shard` the entries it lacks, from the recent ones, or a seed when they reach back no further.
+void pump(Self* self, const std::string& expert, const std::string& shard) {
+  auto& st = self->state;
+  auto* l = leadership(self, expert);
+  const auto* e = st.store->find(expert);
+  if (!l || !e) return;
+  auto& f = l->followers[shard];
+  if (!f.synced || f.sent_lsn >= e->lsn) return;
+  if (l->recent.empty() || l->recent.front().lsn > f.sent_lsn + 1)
+    return seed(self, expert, shard, "entries after " + std::to_string(f.sent_lsn) + " are no longer kept");
+  net::ReplicaAppend append{expert, l->term, l->committed, {}};
+  for (const auto& entry : l->recent)
+    if (entry.lsn > f.sent_lsn) append.entries.push_back(entry);
+  f.sent_lsn = e->lsn;
+  ++st.counters.appends_sent;
+  st.counters.entries_sent += append.entries.size();
+  send_to_shard(self, shard, 0, std::move(append));
+}
+
+void reject_waiter(Self* self, const ExpertShardState::Waiter& w, net::RejectReason reason, const std::string& detail) {
+  const auto* e = self->state.store->find(w.ack.expert_id);
+  send_to(self, w.worker, w.correlation,
+          net::UpdateReject{w.ack.expert_id, w.ack.update_id, reason, detail, e ? e->weights.version : 0});
+}
+
+// Moves the commit point to the last entry the whole in-sync set holds, and acknowledges the workers
+// whose entries it passed.
+void advance_commit(Self* self, const std::string& expert) {
+  auto& st = self->state;
+  auto* l = leadership(self, expert);
+  const auto* e = st.store->find(expert);
+  if (!l || !e) return;
+  if (l->in_sync.size() >= l->min_in_sync && lease_holds(self)) {
+    uint64_t committed = e->lsn;
+    for (const auto& shard : l->in_sync)
+      if (shard != st.node_id) committed = std::min(committed, l->followers[shard].acked_lsn);
+    l->committed = std::max(l->committed, committed);
+  }
+  while (!l->waiting.empty() && l->waiting.front().lsn <= l->committed) {
+    auto& w = l->waiting.front();
+    send_to(self, w.worker, w.correlation, w.ack);
+    ++st.counters.committed_acks;
+    l->waiting.pop_front();
+  }
+  // Entries every follower holds are not needed for catch-up any more; keep a bounded tail anyway.
+  uint64_t needed = l->committed;
+  for (const auto& [shard, f] : l->followers) needed = std::min(needed, f.acked_lsn);
+  while (!l->recent.empty() && (l->recent.size() > st.recent_entries || l->recent.front().lsn + 8 <= needed)) {
+    if (l->recent.front().has_update) l->lsn_of_update.erase(l->recent.front().update.update_id);
+    l->recent.pop_front();
+  }
+}
+
+// A new entry of `expert`, written by this primary: kept for catch-up and sent to every synced replica.
+void replicate(Self* self, const std::string& expert, const net::LogEntry& entry) {
+  auto* l = leadership(self, expert);
+  if (!l) return;
+  l->recent.push_back(entry);
+  if (entry.has_update) l->lsn_of_update[entry.update.update_id] = entry.lsn;
+  for (auto& [shard, f] : l->followers) pump(self, expert, shard);
+}
+
+void request_isr(Self* self, const std::string& expert, std::vector<std::string> in_sync, const std::string& reason) {
+  auto& st = self->state;
+  auto* l = leadership(self, expert);
+  if (!l || !st.membership.coordinator || in_sync == l->in_sync) return;
+  l->isr_change_sent_ms = now_ms();
+  spdlog::warn("{}: asking the coordinator for in-sync set of '{}' of {} replicas: {}", st.node_id, expert,
+               in_sync.size(), reason);
+  send_to(self, st.membership.coordinator, 0, net::IsrChange{expert, l->term, std::move(in_sync), reason});
+}
+
+// This shard no longer leads `expert` (a newer term, another primary): whoever waits is told to push
+// to the primary; what was not committed is decided by the new primary (a retried push of an update it
+// holds is acknowledged once committed there).
+void step_down(Self* self, const std::string& expert, const std::string& why) {
+  auto& st = self->state;
+  auto* l = leadership(self, expert);
+  if (!l) return;
+  spdlog::warn("{}: no longer the primary of '{}' (term {}): {}", st.node_id, expert, l->term, why);
+  ++st.counters.stepped_down;
+  for (const auto& w : l->waiting) reject_waiter(self, w, net::RejectReason::not_replica, "this shard is no longer the primary: " + why);
+  st.leading.erase(expert);
+}
+
+// The replication clock: silent in-sync replicas are reported, unanswered seeds resent, waiters that
+// cannot commit get not_enough_replicas (their update stays in the log: a retry is acknowledged once
+// it commits).
+void replication_tick(Self* self) {
+  auto& st = self->state;
+  const int64_t now = now_ms();
+  const int64_t timeout = static_cast<int64_t>(st.replication_timeout_ms);
+  for (auto& [expert, l] : st.leading) {
+    const auto* e = st.store->find(expert);
+    if (!e) continue;
+    for (auto& [shard, f] : l.followers)
+      if (!f.synced && f.seed_correlation != 0 && now - f.seed_sent_ms > timeout)
+        seed(self, expert, shard, "no answer to the seed within " + std::to_string(timeout) + " ms");
+    if (l.isr_change_sent_ms != 0 && now - l.isr_change_sent_ms > timeout) l.isr_change_sent_ms = 0;  // ask again
+    if (!l.waiting.empty() && now - l.waiting.front().since_ms > timeout && l.isr_change_sent_ms == 0) {
+      std::vector<std::string> keep;
+      std::string laggards;
+      for (const auto& shard : l.in_sync) {
+        if (shard == st.node_id || l.followers[shard].acked_lsn >= l.waiting.front().lsn) keep.push_back(shard);
+        else laggards += (laggards.empty() ? "" : ", ") + shard;
+      }
+      if (!laggards.empty()) {
+        ++st.counters.isr_shrinks_asked;
+        request_isr(self, expert, keep,
+                    laggards + " did not acknowledge entry " + std::to_string(l.waiting.front().lsn) + " within " +
+                        std::to_string(timeout) + " ms");
+      }
+    }
+    // Caught-up replicas outside the set are proposed back in.
+    if (l.isr_change_sent_ms == 0) {
+      auto grown = l.in_sync;
+      for (const auto& [shard, f] : l.followers)
+        if (f.synced && f.acked_lsn >= e->lsn && std::find(grown.begin(), grown.end(), shard) == grown.end())
+          grown.push_back(shard);
+      if (grown.size() > l.in_sync.size()) {
+        ++st.counters.isr_expands_asked;
+        request_isr(self, expert, grown, "caught up to entry " + std::to_string(e->lsn));
+      }
+    }
+    while (!l.waiting.empty() && now - l.waiting.front().since_ms > 2 * timeout) {
+      ++st.counters.not_enough_replicas;
+      reject_waiter(self, l.waiting.front(), net::RejectReason::not_enough_replicas,
+                    "entry " + std::to_string(l.waiting.front().lsn) + " is not held by the in-sync set after " +
+                        std::to_string(2 * timeout) + " ms; it commits when they catch up: push again later");
+      l.waiting.pop_front();
+    }
+    advance_commit(self, expert);
+  }
+}
+
+// The coordinator's latest word on the experts this shard holds a replica of.
+void on_placement(Self* self, const net::PlacementMap& map) {
+  auto& st = self->state;
+  if (map.epoch < st.placement_epoch) return;  // an older map overtaken by a newer one
+  st.placement_epoch = map.epoch;
+  st.last_coordinator_ms = now_ms();
+  st.placed_experts.clear();
+  st.replicas.clear();
+  st.primary.clear();
+  std::set<std::string> led;
+  for (const auto& p : map.placements) {
+    bool placed_here = false;
+    for (const auto& r : p.replicas) {
+      if (r.shard_id == st.node_id) placed_here = true;
+      if (r.alive) st.replicas[p.expert_id].push_back(r.shard_id);
+    }
+    if (placed_here) st.placed_experts.push_back(p.expert_id);
+    auto& known = st.known_term[p.expert_id];
+    known = std::max(known, p.term);
+    const bool primary_alive = !p.in_sync.empty() && std::any_of(p.replicas.begin(), p.replicas.end(), [&](const net::Replica& r) {
+      return r.shard_id == p.in_sync.front() && r.alive;
+    });
+    st.primary[p.expert_id] = primary_alive ? p.in_sync.front() : std::string("(none: no in-sync replica is alive)");
+    if (!primary_alive || p.in_sync.front() != st.node_id || p.term < known || !st.store->find(p.expert_id)) continue;
+    led.insert(p.expert_id);
+    auto* l = leadership(self, p.expert_id);
+    if (l && l->term != p.term) {
+      step_down(self, p.expert_id, "term " + std::to_string(p.term) + " begins");
+      l = nullptr;
+    }
+    const bool fresh = !l;
+    if (fresh) {
+      l = &st.leading[p.expert_id];
+      l->term = p.term;
+      spdlog::info("{}: primary of '{}' under term {}", st.node_id, p.expert_id, p.term);
+    }
+    l->in_sync = p.in_sync;
+    l->min_in_sync = std::max<uint32_t>(p.min_in_sync, 1);
+    l->isr_change_sent_ms = 0;
+    std::set<std::string> others;
+    for (const auto& r : p.replicas)
+      if (r.shard_id != st.node_id && r.alive) others.insert(r.shard_id);
+    for (auto it = l->followers.begin(); it != l->followers.end();)
+      it = others.count(it->first) ? std::next(it) : l->followers.erase(it);
+    for (const auto& shard : others)
+      if (!l->followers.count(shard)) seed(self, p.expert_id, shard, fresh ? "a new term" : "newly placed");
+  }
+  for (auto it = st.leading.begin(); it != st.leading.end();) {
+    auto next = std::next(it);
+    if (!led.count(it->first)) step_down(self, it->first, "the coordinator names another primary");
+    it = next;
+  }
+  for (const auto& expert : led) advance_commit(self, expert);
+  // A backup that became the primary owns the deadline of a round its old primary opened.
+  const auto& policy = st.store->options().policy;
+  if (policy.name == "fedavg" && policy.round_deadline_ms > 0)
+    for (const auto& id : led)
+      if (const auto* e = st.store->find(id); e && !e->policy->pending().empty())
+        self->delayed_send(self, std::chrono::milliseconds(policy.round_deadline_ms), round_deadline_atom::value, id,
+                           e->weights.version);
+}
+
+void on_update(Self* self, const net::Message& m, const net::UpdatePush& u) {
+  auto& st = self->state;
+  ++st.updates_received;
+  const auto* held = st.store->find(u.expert_id);
+  auto refuse = [&](net::RejectReason reason, const std::string& detail) {
+    reply(self, m.correlation_id, net::UpdateReject{u.expert_id, u.update_id, reason, detail, held ? held->weights.version : 0});
+  };
+  // Only the primary takes updates (it writes the expert's log; the replicas copy it).
+  if (!leads(self, u.expert_id)) {
+    ++st.redirected;
+    return refuse(net::RejectReason::not_replica, "the primary of '" + u.expert_id + "' is " + *primary_of(self, u.expert_id) + ": push there");
+  }
+  auto* l = leadership(self, u.expert_id);
+  if (primary_of(self, u.expert_id) && !l)  // named primary, but not (yet) under a term of its own
+    return refuse(net::RejectReason::not_replica, "this shard does not hold '" + u.expert_id + "' under the current term yet");
+  if (l && !lease_holds(self)) {
+    ++st.counters.lease_expired;
+    return refuse(net::RejectReason::not_enough_replicas,
+                  "no word from the coordinator for " + std::to_string(now_ms() - st.last_coordinator_ms) +
+                      " ms (half the lease is " + std::to_string(st.lease_ms / 2) + "): this primary may have been replaced");
+  }
+  // A retried update this primary holds but has not committed yet (its own entry, or one from before
+  // its term, which commits with everything it holds): acknowledged when it commits, not refused.
+  if (l && held && held->seen.count(u.update_id)) {
+    uint64_t lsn = held->lsn;
+    net::UpdateAck ack{u.expert_id, u.update_id, held->weights.version, 0, 0};
+    if (auto at = l->lsn_of_update.find(u.update_id); at != l->lsn_of_update.end()) {
+      lsn = at->second;
+      for (const auto& entry : l->recent)
+        if (entry.lsn == lsn) ack = {u.expert_id, u.update_id, entry.version, entry.staleness, entry.weight};
+    }
+    if (lsn > l->committed) {
+      ++st.counters.duplicates_acked;
+      l->waiting.push_back({caf::actor_cast<caf::actor>(self->current_sender()), m.correlation_id, ack, lsn, now_ms()});
+      return advance_commit(self, u.expert_id);
+    }
+  }
+  if (l && l->in_sync.size() < l->min_in_sync) {
+    ++st.counters.not_enough_replicas;
+    return refuse(net::RejectReason::not_enough_replicas,
+                  std::to_string(l->in_sync.size()) + " of '" + u.expert_id + "' replicas are in sync, " +
+                      std::to_string(l->min_in_sync) + " are needed: push again later");
+  }
+  PushResult r;
+  try {
+    r = st.store->push(u, l ? l->term : 0);
+  } catch (const std::exception& e) {  // storage trouble: nothing applied; say so, the worker retries later
+    ++st.errors["storage_error"];
+    spdlog::error("{}: update '{}' of '{}' not stored: {}", st.node_id, u.update_id, u.expert_id, e.what());
+    held = st.store->find(u.expert_id);
+    return refuse(net::RejectReason::storage_error, e.what());
+  }
+  if (!r.accepted) {
+    spdlog::info("{}: rejected update '{}' of '{}' from {}: {} ({})", st.node_id, u.update_id, u.expert_id, u.worker_id,
+                 net::to_string(r.reject.reason), r.reject.detail);
+    return reply(self, m.correlation_id, r.reject);
+  }
+  const auto& policy = st.store->options().policy;
+  if (!r.applied && policy.name == "fedavg" && policy.round_deadline_ms > 0) {
+    const auto* e = st.store->find(u.expert_id);
+    if (e && e->policy->pending().size() == 1)  // this update opened a round: its deadline starts now
+      self->delayed_send(self, std::chrono::milliseconds(policy.round_deadline_ms), round_deadline_atom::value,
+                         u.expert_id, e->weights.version);
+  }
+  if (!l) return reply(self, m.correlation_id, r.ack);  // standalone: durable here is all there is
+  l->waiting.push_back({caf::actor_cast<caf::actor>(self->current_sender()), m.correlation_id, r.ack, r.entry.lsn, now_ms()});
+  replicate(self, u.expert_id, r.entry);
+  advance_commit(self, u.expert_id);
+}
+
+// A replica's answer to an append or a seed.
+void on_replica_ack(Self* self, const net::Message& m, const net::ReplicaAck& ack) {
+  auto& st = self->state;
+  auto* l = leadership(self, ack.expert_id);
+  if (!l) return;
+  if (ack.term > l->term) return step_down(self, ack.expert_id, m.sender_id + " is at term " + std::to_string(ack.term));
+  auto it = l->followers.find(m.sender_id);
+  if (it == l->followers.end()) return;
+  auto& f = it->second;
+  if (!ack.refused.empty()) {
+    ++st.counters.refusals_received[ack.refused];
+    if (ack.refused == "stale_term") return step_down(self, ack.expert_id, m.sender_id + " refused term " + std::to_string(l->term));
+    if (ack.refused == "gap" && f.synced) {  // an entry overtook another: send again from what it holds
+      f.acked_lsn = std::max(f.acked_lsn, ack.lsn);
+      f.sent_lsn = ack.lsn;
+      return pump(self, ack.expert_id, m.sender_id);
+    }
+    if (ack.refused == "need_snapshot" || ack.refused == "gap")
+      return seed(self, ack.expert_id, m.sender_id, m.sender_id + " answered " + ack.refused);
+    return;  // storage_error: it leaves the in-sync set if it stays behind
+  }
+  if (m.correlation_id != 0 && m.correlation_id == f.seed_correlation) {
+    f.synced = true;
+    f.seed_correlation = 0;
+    f.sent_lsn = std::max(f.sent_lsn, ack.lsn);
+  }
+  if (!f.synced) return;  // an answer to entries sent before the seed
+  f.acked_lsn = std::max(f.acked_lsn, ack.lsn);
+  const auto* e = st.store->find(ack.expert_id);
+  if (e && ack.lsn == e->lsn && ack.version == e->weights.version && ack.checksum != net::checksum(e->published.tensors)) {
+    ++st.counters.diverged;
+    spdlog::error("{}: replica {} of '{}' holds other bytes under v{}: seeding it again", st.node_id, m.sender_id,
+                  ack.expert_id, ack.version);
+    return seed(self, ack.expert_id, m.sender_id, "its checksum differs");
+  }
+  pump(self, ack.expert_id, m.sender_id);
+  advance_commit(self, ack.expert_id);
+}
+
+// --- the replica's side ---------------------------------------------------------------------------
+
+net::ReplicaAck replica_state(Self* self, const std::string& expert, std::string refused) {
+  auto& st = self->state;
+  net::ReplicaAck ack{expert, st.known_term[expert], 0, 0, 0, std::move(refused)};
+  if (const auto* e = st.store->find(expert)) {
+    ack.lsn = e->lsn;
+    ack.version = e->weights.version;
+    ack.checksum = st.store->receipt(expert).checksum;
+  }
+  if (!ack.refused.empty()) ++st.counters.refusals_sent[ack.refused.substr(0, ack.refused.find(':'))];
+  return ack;
+}
+
 void on_snapshot(Self* self, const net::Message& m, const net::ExpertSnapshot& snap) {
+  auto& st = self->state;
+  const auto& expert = snap.spec.expert_id;
+  if (snap.term > 0) {  // a primary seeding this replica
+    auto& known = st.known_term[expert];
+    if (snap.term < known) return reply(self, m.correlation_id, replica_state(self, expert, "stale_term"));
+    if (leadership(self, expert)) step_down(self, expert, m.sender_id + " seeds it under term " + std::to_string(snap.term));
+    known = snap.term;
+  }
   net::SnapshotReceipt receipt;
   try {
-    receipt = self->state.store->install(snap);
+    receipt = st.store->install(snap);
   } catch (const std::exception& e) {
+    if (snap.term > 0) return reply(self, m.correlation_id, replica_state(self, expert, std::string("storage_error: ") + e.what()));
     return reply_error(self, m.correlation_id, "bad_snapshot", e.what());
   }
-  ++self->state.snapshots_received;
-  spdlog::info("{}: expert '{}' v{} ({} tensors, {} bytes) from {}", self->state.node_id, snap.spec.expert_id,
-               receipt.version, receipt.tensor_count, receipt.byte_count, m.sender_id);
-  reply(self, m.correlation_id, receipt);
-  seed_replicas(self);  // a primary that just got the expert hands it on
+  ++st.snapshots_received;
+  spdlog::info("{}: expert '{}' v{} (entry {}, term {}, {} tensors, {} bytes) from {}", st.node_id, expert,
+               receipt.version, receipt.lsn, receipt.term, receipt.tensor_count, receipt.byte_count, m.sender_id);
+  if (snap.term == 0) return reply(self, m.correlation_id, receipt);
+  st.synced_term[expert] = snap.term;
+  reply(self, m.correlation_id, replica_state(self, expert, ""));
+}
+
+void on_append(Self* self, const net::Message& m, const net::ReplicaAppend& a) {
+  auto& st = self->state;
+  auto& known = st.known_term[a.expert_id];
+  if (a.term < known) return reply(self, 0, replica_state(self, a.expert_id, "stale_term"));
+  known = a.term;
+  if (leadership(self, a.expert_id)) step_down(self, a.expert_id, m.sender_id + " appends under term " + std::to_string(a.term));
+  if (st.synced_term[a.expert_id] != a.term) return reply(self, 0, replica_state(self, a.expert_id, "need_snapshot"));
+  for (const auto& entry : a.entries) {
+    try {
+      st.store->append(a.expert_id, entry);
+    } catch (const ReplicaRefusal& r) {
+      spdlog::warn("{}: entry {} of '{}' refused: {}", st.node_id, entry.lsn, a.expert_id, r.what());
+      return reply(self, 0, replica_state(self, a.expert_id, r.code));
+    } catch (const std::exception& e) {
+      spdlog::error("{}: entry {} of '{}' not stored: {}", st.node_id, entry.lsn, a.expert_id, e.what());
+      return reply(self, 0, replica_state(self, a.expert_id, std::string("storage_error: ") + e.what()));
+    }
+  }
+  reply(self, 0, replica_state(self, a.expert_id, ""));
 }
 
 void on_pull(Self* self, const net::Message& m, const net::SnapshotRequest& req) {
@@ -151,186 +494,131 @@ void on_pull(Self* self, const net::Message& m, const net::SnapshotRequest& req)
   reply(self, m.correlation_id, e->published);  // immutable per version: later updates never change these bytes
 }
 
-void on_update(Self* self, const net::Message& m, const net::UpdatePush& u) {
-  ++self->state.updates_received;
-  // Only the primary takes updates from workers (a backup applying them too would diverge from it);
-  // a backup takes the primary's forwarded copies. Without a placement map (a standalone shard) every
-  // shard is its own primary.
-  if (const auto* primary = primary_of(self, u.expert_id); primary && *primary != self->state.node_id &&
-                                                              m.sender_id != *primary) {
-    ++self->state.redirected;
-    const auto* e = self->state.store->find(u.expert_id);
-    return reply(self, m.correlation_id,
-                 net::UpdateReject{u.expert_id, u.update_id, net::RejectReason::not_replica,
-                                   "the primary of '" + u.expert_id + "' is " + *primary + ": push there",
-                                   e ? e->weights.version : 0});
-  }
-  PushResult r;
-  try {
-    r = self->state.store->push(u);
-  } catch (const std::exception& e) {  // storage trouble: nothing applied; say so, the worker retries later
-    ++self->state.errors["storage_error"];
-    spdlog::error("{}: update '{}' of '{}' not stored: {}", self->state.node_id, u.update_id, u.expert_id, e.what());
-    const auto* held = self->state.store->find(u.expert_id);
-    return reply(self, m.correlation_id,
-                 net::UpdateReject{u.expert_id, u.update_id, net::RejectReason::storage_error, e.what(),
-                                   held ? held->weights.version : 0});
-  }
-  const auto& policy = self->state.store->options().policy;
-  if (r.accepted && !r.applied && policy.name == "fedavg" && policy.round_deadline_ms > 0 && leads(self, u.expert_id)) {
-    const auto* e = self->state.store->find(u.expert_id);
-    if (e && e->policy->pending().size() == 1)  // this update opened a round: its deadline starts now
-      self->delayed_send(self, std::chrono::milliseconds(policy.round_deadline_ms), round_deadline_atom::value,
-                         u.expert_id, e->weights.version);
-  }
-  if (!r.accepted) {
-    spdlog::info("{}: rejected update '{}' of '{}' from {}: {} ({})", self->state.node_id, u.update_id, u.expert_id,
-                 u.worker_id, net::to_string(r.reject.reason), r.reject.detail);
-    return reply(self, m.correlation_id, r.reject);
-  }
-  auto& st = self->state;
-  if (!is_primary(self, u.expert_id)) return reply(self, m.correlation_id, r.ack);  // a replica: the primary waits
-  // The primary: forward to the other replicas, acknowledge when they have it.
-  const uint64_t id = st.next_correlation++;
-  ExpertShardState::Replication rep{caf::actor_cast<caf::actor>(self->current_sender()), m.correlation_id, r.ack, {}};
-  for (const auto& shard : st.replicas[u.expert_id]) {
-    if (shard == st.node_id) continue;
-    auto peer = st.peers.find(shard);
-    if (peer == st.peers.end()) continue;
-    const uint64_t corr = st.next_correlation++;
-    rep.waiting.insert(corr);
-    st.replication_of[corr] = id;
-    send_to(self, peer->second, corr, u);
-  }
-  if (rep.waiting.empty()) return reply(self, m.correlation_id, r.ack);
-  ++st.replicated;
-  st.replications[id] = std::move(rep);
-  self->delayed_send(self, std::chrono::milliseconds(st.replication_timeout_ms), replication_timeout_atom::value, id);
-}
 
-// A replica's answer to a forwarded update.
-void on_replica_answer(Self* self, const net::Message& m, bool accepted, const std::string& detail) {
-  auto& st = self->state;
-  auto it = st.replication_of.find(m.correlation_id);
-  if (it == st.replication_of.end()) return;  // late, after the timeout
-  const uint64_t id = it->second;
-  st.replication_of.erase(it);
-  auto rep = st.replications.find(id);
-  if (!accepted) {
-    ++st.replica_rejects;
-    spdlog::warn("{}: replica {} refused a forwarded update: {}", st.node_id, m.sender_id, detail);
-    if (rep != st.replications.end()) reseed(self, rep->second.ack.expert_id, m.sender_id, detail);
-  }
-  if (rep == st.replications.end()) return;
-  rep->second.waiting.erase(m.correlation_id);
-  if (rep->second.waiting.empty()) finish_replication(self, id);
-}
 
 std::string status_json(Self* self) {
+  auto& st = self->state;
   nlohmann::json j;
-  j["node_id"] = self->state.node_id;
+  j["node_id"] = st.node_id;
   j["role"] = "shard";
-  j["experts"] = self->state.store->status();
-  j["policy"] = self->state.store->options().policy.name;
-  j["placement_epoch"] = self->state.placement_epoch;
-  j["placed_experts"] = self->state.placed_experts;
-  j["seeds"] = {{"sent", self->state.seeds_sent}, {"retried", self->state.seeds_retried},
-                {"awaiting_receipt", self->state.seed_of.size()}};
-  j["replication"] = {{"forwarded", self->state.replicated},
-                      {"timeouts", self->state.replication_timeouts},
-                      {"replica_rejects", self->state.replica_rejects}};
-  j["snapshots_received"] = self->state.snapshots_received;
-  j["pulls_served"] = self->state.pulls_served;
+  j["experts"] = st.store->status();
+  j["policy"] = st.store->options().policy.name;
+  j["placement_epoch"] = st.placement_epoch;
+  j["placed_experts"] = st.placed_experts;
+  nlohmann::json leading = nlohmann::json::object();
+  for (const auto& [expert, l] : st.leading) {
+    nlohmann::json followers = nlohmann::json::object();
+    for (const auto& [shard, f] : l.followers)
+      followers[shard] = {{"acked_lsn", f.acked_lsn}, {"sent_lsn", f.sent_lsn}, {"synced", f.synced}};
+    const auto* e = st.store->find(expert);
+    leading[expert] = {{"term", l.term},
+                       {"in_sync", l.in_sync},
+                       {"min_in_sync", l.min_in_sync},
+                       {"lsn", e ? e->lsn : 0},
+                       {"committed_lsn", l.committed},
+                       {"waiting", l.waiting.size()},
+                       {"followers", followers}};
+  }
+  const auto& c = st.counters;
+  j["replication"] = {{"leading", leading},
+                      {"known_terms", st.known_term},
+                      {"synced_terms", st.synced_term},
+                      {"lease_holds", lease_holds(self)},
+                      {"appends_sent", c.appends_sent},
+                      {"entries_sent", c.entries_sent},
+                      {"seeds_sent", c.seeds_sent},
+                      {"seeds_retried", c.seeds_retried},
+                      {"committed_acks", c.committed_acks},
+                      {"isr_shrinks_asked", c.isr_shrinks_asked},
+                      {"isr_expands_asked", c.isr_expands_asked},
+                      {"stepped_down", c.stepped_down},
+                      {"not_enough_replicas", c.not_enough_replicas},
+                      {"lease_expired", c.lease_expired},
+                      {"duplicates_acked", c.duplicates_acked},
+                      {"diverged", c.diverged},
+                      {"refusals_received", c.refusals_received},
+                      {"refusals_sent", c.refusals_sent}};
+  j["snapshots_received"] = st.snapshots_received;
+  j["pulls_served"] = st.pulls_served;
   size_t subscribers = 0;
-  for (const auto& [expert, subs] : self->state.subscribers) subscribers += subs.size();
+  for (const auto& [expert, subs] : st.subscribers) subscribers += subs.size();
   j["subscribers"] = subscribers;
-  j["version_notices_sent"] = self->state.notices_sent;
-  j["updates_received"] = self->state.updates_received;
-  j["redirected_to_primary"] = self->state.redirected;
-  j["errors"] = self->state.errors;
-  auto s = self->state.transport->stats();
+  j["version_notices_sent"] = st.notices_sent;
+  j["updates_received"] = st.updates_received;
+  j["redirected_to_primary"] = st.redirected;
+  j["errors"] = st.errors;
+  auto s = st.transport->stats();
   j["transport"] = {{"sent_local", s.sent_local}, {"sent_inline", s.sent_inline}, {"sent_bulk", s.sent_bulk},
                     {"received", s.received},     {"fetches", s.fetches},         {"fetch_failures", s.fetch_failures},
                     {"decode_errors", s.decode_errors}};
   return json_text(j);
 }
 
+// FedAvg's round deadline, on the primary (or a standalone shard): the round closes with what
+// arrived, and the new version is an entry like any other.
+void on_round_deadline(Self* self, const std::string& expert_id, uint64_t round_version) {
+  auto& st = self->state;
+  const auto* e = st.store->find(expert_id);
+  if (!e || e->weights.version != round_version || e->policy->pending().empty()) return;  // closed already
+  if (!leads(self, expert_id)) return;  // a backup now: the primary's entries decide
+  auto* l = leadership(self, expert_id);
+  if (primary_of(self, expert_id) && !l) return;
+  try {
+    net::LogEntry entry;
+    if (st.store->close_round(expert_id, l ? l->term : 0, &entry)) {
+      spdlog::info("{}: round of '{}' closed at its deadline: v{}", st.node_id, expert_id, entry.version);
+      if (l) {
+        replicate(self, expert_id, entry);
+        advance_commit(self, expert_id);
+      }
+      return announce_versions(self);
+    }
+  } catch (const std::exception& ex) {
+    spdlog::error("{}: closing the round of '{}' failed: {}", st.node_id, expert_id, ex.what());
+  }
+  // Fewer than min_updates: wait another deadline.
+  self->delayed_send(self, std::chrono::milliseconds(st.store->options().policy.round_deadline_ms),
+                     round_deadline_atom::value, expert_id, round_version);
+}
+
 // Every message a peer sends to the shard.
 void on_message(Self* self, const net::Message& m) {
+  auto& st = self->state;
   if (auto* snap = std::get_if<net::ExpertSnapshot>(&m.body)) {
     on_snapshot(self, m, *snap);
+    if (snap->term == 0) on_placement(self, st.map);  // an expert added here may be ours to lead
     return announce_versions(self);
   }
+  if (auto* append = std::get_if<net::ReplicaAppend>(&m.body)) {
+    on_append(self, m, *append);
+    return announce_versions(self);
+  }
+  if (auto* ack = std::get_if<net::ReplicaAck>(&m.body)) return on_replica_ack(self, m, *ack);
   if (auto* pull = std::get_if<net::SnapshotRequest>(&m.body)) return on_pull(self, m, *pull);
   if (auto* push = std::get_if<net::UpdatePush>(&m.body)) {
     on_update(self, m, *push);
     return announce_versions(self);
   }
   if (auto* map = std::get_if<net::PlacementMap>(&m.body)) {
-    if (map->epoch < self->state.placement_epoch) return;  // an older map overtaken by a newer one
-    self->state.placement_epoch = map->epoch;
-    self->state.placed_experts.clear();
-    self->state.replicas.clear();
-    for (const auto& p : map->placements) {
-      for (const auto& r : p.replicas) {
-        if (r.shard_id == self->state.node_id) self->state.placed_experts.push_back(p.expert_id);
-        if (r.alive) self->state.replicas[p.expert_id].push_back(r.shard_id);
-      }
-    }
-    // A replica that left an expert's placement is seeded again should it come back (it may be behind).
-    for (auto& [expert, shards] : self->state.seeded) {
-      auto live = self->state.replicas.find(expert);
-      auto placed = [&](const std::string& shard) {
-        return live != self->state.replicas.end() &&
-               std::find(live->second.begin(), live->second.end(), shard) != live->second.end();
-      };
-      for (auto it = shards.begin(); it != shards.end();) it = placed(*it) ? std::next(it) : shards.erase(it);
-    }
-    // A backup that became the primary owns the deadline of a round its old primary opened.
-    const auto& policy = self->state.store->options().policy;
-    if (policy.name == "fedavg" && policy.round_deadline_ms > 0)
-      for (const auto& id : self->state.store->expert_ids())
-        if (const auto* e = self->state.store->find(id); e && leads(self, id) && !e->policy->pending().empty())
-          self->delayed_send(self, std::chrono::milliseconds(policy.round_deadline_ms), round_deadline_atom::value,
-                             id, e->weights.version);
-    seed_replicas(self);
+    if (map->epoch >= st.placement_epoch) st.map = *map;
+    return on_placement(self, *map);
+  }
+  if (auto* hello = std::get_if<net::HelloAck>(&m.body)) {  // the coordinator answered: the lease is renewed
+    st.lease_ms = static_cast<int64_t>(hello->lease_ms);
+    st.last_coordinator_ms = now_ms();
     return;
   }
-  if (std::holds_alternative<net::HelloAck>(m.body)) return;
-  if (auto* rc = std::get_if<net::RoundClose>(&m.body)) {
-    if (const auto* primary = primary_of(self, rc->expert_id); !primary || *primary != m.sender_id)
-      return reply_error(self, m.correlation_id, "not_primary",
-                         "only the primary of '" + rc->expert_id + "' closes its rounds");
-    const auto* e = self->state.store->find(rc->expert_id);
-    if (!e || e->weights.version != rc->round_version || e->policy->pending().empty()) return;
-    try {
-      if (self->state.store->close_round(rc->expert_id))
-        spdlog::info("{}: round of '{}' closed by its primary: v{}", self->state.node_id, rc->expert_id,
-                     self->state.store->find(rc->expert_id)->weights.version);
-    } catch (const std::exception& ex) {
-      spdlog::error("{}: closing the round of '{}' failed: {}", self->state.node_id, rc->expert_id, ex.what());
-    }
-    return announce_versions(self);
-  }
-  if (std::holds_alternative<net::UpdateAck>(m.body)) return on_replica_answer(self, m, true, "");
-  if (auto* rej = std::get_if<net::UpdateReject>(&m.body))
-    return on_replica_answer(self, m, rej->reason == net::RejectReason::duplicate_update, rej->detail);
-  if (std::holds_alternative<net::SnapshotReceipt>(m.body)) {  // a seeded replica's receipt
-    self->state.seed_of.erase(m.correlation_id);
-    return;
-  }
+  if (std::holds_alternative<net::SnapshotReceipt>(m.body)) return;
   if (auto* err = std::get_if<net::ErrorReply>(&m.body)) {  // never answer an error with an error
-    if (err->code == "not_a_member" && self->state.link) self->send(self->state.link, rejoin_atom::value);
-    if (auto seed = self->state.seed_of.find(m.correlation_id); seed != self->state.seed_of.end()) {
-      auto [expert, shard] = seed->second;
-      self->state.seed_of.erase(seed);
-      reseed(self, expert, shard, err->code + ": " + err->detail);
+    if (err->code == "not_a_member" && st.link) self->send(st.link, rejoin_atom::value);
+    if (err->code == "isr_change_refused") {
+      ++st.errors["isr_change_refused"];
+      spdlog::warn("{}: the coordinator refused an in-sync change: {}", st.node_id, err->detail);
     }
     return;
   }
-  if (auto* st = std::get_if<net::StatusRequest>(&m.body))
-    return reply(self, m.correlation_id, net::StatusReply{st->request_id, self->state.node_id, net::Role::shard,
-                                                          status_json(self)});
+  if (auto* req = std::get_if<net::StatusRequest>(&m.body))
+    return reply(self, m.correlation_id, net::StatusReply{req->request_id, st.node_id, net::Role::shard, status_json(self)});
   reply_error(self, m.correlation_id, "unsupported",
               std::string("an expert shard does not handle ") + net::body_name(m.body) + " messages");
 }
@@ -354,9 +642,11 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
   self->state.transport = std::move(transport);
   self->state.store = std::make_unique<ExpertStore>(std::move(options.store));
   self->state.membership = std::move(options.membership);
+  self->state.replication_timeout_ms = std::max<uint64_t>(options.replication_timeout_ms, 1);
   self->state.membership.hello.node_id = self->state.node_id;
   self->state.membership.hello.role = net::Role::shard;
   self->state.link = spawn_coordinator_link(self, self->state.transport, self->state.membership);
+  self->send(self, replication_tick_atom::value);
   self->set_down_handler([=](const caf::down_msg& down) {
     for (auto& [expert, subs] : self->state.subscribers)
       for (auto it = subs.begin(); it != subs.end();) it = it->address() == down.source ? subs.erase(it) : std::next(it);
@@ -376,47 +666,21 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
         auto& known = st.peers[shard];
         const bool restarted = known && known != handle;
         known = std::move(handle);
-        if (restarted)  // a restarted replica may be behind: it gets our snapshot again
-          for (auto& [expert, shards] : st.seeded) st.seeds_retried += shards.erase(shard);
-        seed_replicas(self);
+        for (auto& [expert, l] : st.leading) {
+          auto f = l.followers.find(shard);
+          if (f == l.followers.end()) continue;
+          // A restarted replica may be behind, and holds no seed of this term: it gets one.
+          if (restarted || (!f->second.synced && f->second.seed_correlation == 0))
+            seed(self, expert, shard, restarted ? "it restarted" : "reachable now");
+        }
       },
-      [=](seed_timeout_atom, uint64_t corr) {
-        auto& st = self->state;
-        auto seed = st.seed_of.find(corr);
-        if (seed == st.seed_of.end()) return;  // receipted
-        auto [expert, shard] = seed->second;
-        st.seed_of.erase(seed);
-        reseed(self, expert, shard, "no receipt within " + std::to_string(st.replication_timeout_ms) + " ms");
-      },
-      [=](replication_timeout_atom, uint64_t id) {
-        if (!self->state.replications.count(id)) return;
-        ++self->state.replication_timeouts;
-        spdlog::warn("{}: replicas did not answer a forwarded update in time; acknowledging anyway",
-                     self->state.node_id);
-        finish_replication(self, id);
+      [=](replication_tick_atom) {
+        replication_tick(self);
+        self->delayed_send(self, std::chrono::milliseconds(std::max<uint64_t>(self->state.replication_timeout_ms / 4, 10)),
+                           replication_tick_atom::value);
       },
       [=](round_deadline_atom, const std::string& expert_id, uint64_t round_version) {
-        const auto* e = self->state.store->find(expert_id);
-        if (!e || e->weights.version != round_version || e->policy->pending().empty()) return;  // closed already
-        if (!leads(self, expert_id)) return;  // a backup now: the primary's RoundClose decides
-        try {
-          if (self->state.store->close_round(expert_id)) {
-            spdlog::info("{}: round of '{}' closed at its deadline: v{}", self->state.node_id, expert_id,
-                         self->state.store->find(expert_id)->weights.version);
-            // The backups hold the same buffered updates (forwarded in order, before this): they close too.
-            for (const auto& shard : self->state.replicas[expert_id])
-              if (shard != self->state.node_id)
-                if (auto peer = self->state.peers.find(shard); peer != self->state.peers.end())
-                  send_to(self, peer->second, 0, net::RoundClose{expert_id, round_version});
-            announce_versions(self);
-            return;
-          }
-        } catch (const std::exception& ex) {
-          spdlog::error("{}: closing the round of '{}' failed: {}", self->state.node_id, expert_id, ex.what());
-        }
-        // Fewer than min_updates: wait another deadline.
-        self->delayed_send(self, std::chrono::milliseconds(self->state.store->options().policy.round_deadline_ms),
-                           round_deadline_atom::value, expert_id, round_version);
+        on_round_deadline(self, expert_id, round_version);
       },
       [=](net::WireFrame& frame) {
         dispatch(self, *self->state.transport, self->state.node_id, self->state.errors, frame,

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <set>
@@ -29,31 +30,61 @@ struct ExpertShardState {
   Membership membership;
   caf::actor link;  // to the coordinator: Hello, heartbeats, reconnection (actors/membership.hpp)
   uint64_t placement_epoch = 0;
+  net::PlacementMap map;  // the latest (an expert added after it may make this shard its primary)
   std::vector<std::string> placed_experts;  // what the coordinator's latest map puts on this shard
-  // Replication: this shard is the primary of an expert when it is first among the expert's live
-  // replicas. The primary forwards every accepted update to the other replicas (in acceptance order:
-  // CAF keeps the order between two actors) and acknowledges the worker once they have answered, so
-  // losing one replica loses no acknowledged update. A replica new to an expert gets the primary's
-  // current snapshot first.
-  std::map<std::string, std::vector<std::string>> replicas;  // expert -> live shard ids, primary first
-  std::map<std::string, caf::actor> peers;                   // shard id -> handle (from the coordinator)
-  std::map<std::string, std::set<std::string>> seeded;      // expert -> replicas given our snapshot
-  // Seeds awaiting their receipt: correlation id -> (expert, replica). A seed refused or unanswered
-  // within replication_timeout_ms is sent again; so is one to a replica that restarted (a new
-  // handle), left the placement, or refused a forwarded update as out of order.
-  std::map<uint64_t, std::pair<std::string, std::string>> seed_of;
-  uint64_t seeds_sent = 0, seeds_retried = 0;
-  struct Replication {  // one accepted update waiting for the replicas
-    caf::actor worker;
-    uint64_t worker_correlation = 0;
-    net::UpdateAck ack;
-    std::set<uint64_t> waiting;  // correlation ids of the forwarded copies
+  std::map<std::string, std::vector<std::string>> replicas;  // expert -> live replicas in the latest map
+  // Replication (Kafka's acks=all with an in-sync set, Raft's terms). The coordinator's map names
+  // each expert's in-sync set (primary first), its term and min-in-sync. The primary writes the
+  // expert's log (store entries) and streams every entry, in order, to each other placed replica;
+  // it acknowledges a worker once every in-sync replica holds the entry durably (the commit point),
+  // and only while at least min-in-sync replicas are in sync and its lease from the coordinator
+  // holds. A replica that does not acknowledge within replication_timeout_ms is reported to the
+  // coordinator, which takes it out of the set; one that catches up is proposed back in. A replica
+  // takes entries only under the term of the snapshot its primary seeded it with (one seed per
+  // replica per term), refuses anything from an older term, and applies entries strictly in log
+  // order: whichever path (inline, bulk) a message takes, a gap is refused and resent.
+  struct Follower {  // another replica, as its primary sees it
+    uint64_t acked_lsn = 0;  // the last entry it holds durably
+    uint64_t sent_lsn = 0;   // the last entry sent to it
+    bool synced = false;     // holds our seed of this term: entries may follow
+    uint64_t seed_correlation = 0;
+    int64_t seed_sent_ms = 0;
   };
-  std::map<uint64_t, Replication> replications;  // by id
-  std::map<uint64_t, uint64_t> replication_of;   // forwarded copy's correlation id -> replication id
+  struct Waiter {  // a worker waiting for its entry to commit
+    caf::actor worker;
+    uint64_t correlation = 0;
+    net::UpdateAck ack;
+    uint64_t lsn = 0;
+    int64_t since_ms = 0;
+  };
+  struct Leadership {  // an expert this shard is the primary of
+    uint64_t term = 0;
+    std::vector<std::string> in_sync;  // from the coordinator, this shard first
+    uint32_t min_in_sync = 1;
+    std::map<std::string, Follower> followers;
+    std::deque<net::LogEntry> recent;  // the latest entries, for replicas a little behind
+    std::map<std::string, uint64_t> lsn_of_update;  // update id -> lsn, for the entries in `recent`
+    uint64_t committed = 0;
+    std::deque<Waiter> waiting;  // in log order
+    int64_t isr_change_sent_ms = 0;  // an IsrChange awaiting the coordinator's map (0: none)
+  };
+  std::map<std::string, Leadership> leading;            // expert -> leadership
+  std::map<std::string, uint64_t> known_term;           // expert -> highest term heard of
+  std::map<std::string, uint64_t> synced_term;          // expert -> term of the seed this replica holds
+  std::map<std::string, std::string> primary;           // expert -> primary named by the latest map
+  std::map<std::string, caf::actor> peers;              // shard id -> handle (from the coordinator)
+  int64_t lease_ms = 0;                  // the coordinator's lease (HelloAck); 0 = not in a federation yet
+  int64_t last_coordinator_ms = 0;       // when the coordinator last answered
   uint64_t next_correlation = 1;
-  uint64_t replicated = 0, replication_timeouts = 0, replica_rejects = 0;
   uint64_t replication_timeout_ms = 5000;
+  size_t recent_entries = 256;           // entries kept for catch-up (older ones: a seed instead)
+  struct Counters {
+    uint64_t appends_sent = 0, entries_sent = 0, seeds_sent = 0, seeds_retried = 0;
+    uint64_t committed_acks = 0, isr_shrinks_asked = 0, isr_expands_asked = 0, stepped_down = 0;
+    uint64_t not_enough_replicas = 0, lease_expired = 0, duplicates_acked = 0, diverged = 0;
+    std::map<std::string, uint64_t> refusals_received;  // replicas' refusals by code
+    std::map<std::string, uint64_t> refusals_sent;      // this replica's refusals by code
+  } counters;
   // Pullers that asked to hear of new versions (SnapshotRequest.subscribe): routers, workers. Each
   // gets a VersionNotice when the expert's version passes the one last announced; a subscriber that
   // goes down is forgotten (monitored).
@@ -78,6 +109,7 @@ caf::behavior expert_shard_with(caf::stateful_actor<ExpertShardState>* self, std
 struct ShardOptions {
   ExpertStoreOptions store;
   Membership membership;  // with a coordinator: joins, heartbeats, follows the placement map
+  uint64_t replication_timeout_ms = 5000;  // an in-sync replica silent this long is reported behind
 };
 caf::behavior expert_shard_node(caf::stateful_actor<ExpertShardState>* self, std::string node_id,
                                 std::shared_ptr<net::Transport> transport, ShardOptions options);

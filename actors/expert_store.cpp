@@ -36,11 +36,13 @@ using nlohmann::json;
 namespace {
 
 // --- the update log ---------------------------------------------------------------------------------
-// Record: magic "FMLG" (u32), kind (u32: 1 update, 2 round closed), pre_version (u64: the expert's
-// version when the record was accepted), payload size (u64), payload (an encoded net::Message
-// holding the UpdatePush; empty for kind 2), checksum of header fields + payload (u64).
+// Record: magic "FMLG" (u32), kind (u32), pre_version (u64: the expert's version when the record was
+// accepted), payload size (u64), payload, checksum of header fields + payload (u64). Kind 3, written
+// today: the payload is an encoded net::Message holding a ReplicaAppend with the one LogEntry. Kinds
+// 1 (an UpdatePush, replayed through the policy) and 2 (a round closed, no payload) are read so that
+// state directories written before the log held entries still recover.
 constexpr uint32_t kLogMagic = 0x474C4D46;  // "FMLG" little-endian
-enum : uint32_t { kRecordUpdate = 1, kRecordRoundClosed = 2 };
+enum : uint32_t { kRecordUpdate = 1, kRecordRoundClosed = 2, kRecordEntry = 3 };
 struct RecordHeader {
   uint32_t magic, kind;
   uint64_t pre_version, size;
@@ -73,7 +75,8 @@ bool record_at(const std::vector<char>& bytes, size_t pos, RecordHeader* header 
   RecordHeader h;
   if (bytes.size() - pos < sizeof h) return false;
   std::memcpy(&h, bytes.data() + pos, sizeof h);
-  if (h.magic != kLogMagic || (h.kind != kRecordUpdate && h.kind != kRecordRoundClosed)) return false;
+  if (h.magic != kLogMagic || (h.kind != kRecordUpdate && h.kind != kRecordRoundClosed && h.kind != kRecordEntry))
+    return false;
   if (h.size > bytes.size() - pos - sizeof h || bytes.size() - pos - sizeof h - h.size < sizeof(uint64_t)) return false;
   const char* payload = bytes.data() + pos + sizeof h;
   uint64_t stored;
@@ -143,6 +146,26 @@ PushResult refused(HostedExpert& e, const net::UpdatePush& u, net::RejectReason 
   return r;
 }
 
+std::vector<std::byte> encoded_entry(const std::string& expert_id, const net::LogEntry& entry) {
+  net::Message m;
+  m.body = net::ReplicaAppend{expert_id, entry.term, 0, {entry}};
+  auto encoded = net::encode(m);
+  std::vector<std::byte> payload(encoded.size_bytes());
+  encoded.copy_to(payload.data());
+  return payload;
+}
+
+model::ClientUpdate client_update_of(const net::UpdatePush& u) {
+  model::ClientUpdate cu;
+  cu.update_id = u.update_id;
+  cu.worker_id = u.worker_id;
+  cu.base_version = u.base_version;
+  cu.sample_count = u.sample_count;
+  cu.train_loss = u.train_loss;
+  for (const auto& t : u.deltas) cu.delta.emplace(t.name, from_wire(t));
+  return cu;
+}
+
 std::string hex16(uint64_t v) {
   char buf[17];
   std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
@@ -186,13 +209,15 @@ std::vector<std::string> ExpertStore::expert_ids() const {
   return out;
 }
 
-void ExpertStore::publish(HostedExpert& e) {
+void ExpertStore::publish(HostedExpert& e, std::vector<net::Tensor> tensors) {
   // Policies replace tensors instead of changing them (model/aggregation.cpp), so this version's
   // tensors stay as they are while pulls reference them and while FedAsync's history holds them.
   net::ExpertSnapshot snap;
   snap.spec = e.spec;
   snap.version = e.weights.version;
-  for (const auto& [name, t] : e.weights.weights) snap.tensors.push_back(to_wire(name, t));
+  if (tensors.empty())
+    for (const auto& [name, t] : e.weights.weights) tensors.push_back(to_wire(name, t));
+  snap.tensors = std::move(tensors);
   e.published_checksum.reset();  // computed when status or a receipt asks for it
   e.published_bytes = 0;
   for (const auto& t : snap.tensors) e.published_bytes += t.size_bytes;
@@ -208,7 +233,19 @@ uint64_t ExpertStore::checksum_of(const HostedExpert& e) const {
 
 net::SnapshotReceipt ExpertStore::receipt_of(const HostedExpert& e) const {
   return {e.spec.expert_id, e.weights.version, static_cast<uint32_t>(e.published.tensors.size()), e.published_bytes,
-          checksum_of(e)};
+          checksum_of(e), e.lsn, e.term};
+}
+
+net::SnapshotReceipt ExpertStore::receipt(const std::string& expert_id) const { return receipt_of(experts_.at(expert_id)); }
+
+net::ExpertSnapshot ExpertStore::seed(const std::string& expert_id) const {
+  const auto& e = experts_.at(expert_id);
+  auto snap = e.published;
+  snap.seen_update_ids.assign(e.seen_order.begin(), e.seen_order.end());
+  snap.term = e.term;
+  snap.lsn = e.lsn;
+  snap.pending = e.pending_entries;
+  return snap;
 }
 
 void ExpertStore::remember(HostedExpert& e, const std::string& update_id) {
@@ -223,9 +260,21 @@ net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
   if (!options_.state_dir.empty() && !safe_dir_name(id))
     throw std::invalid_argument("expert id '" + id + "' cannot name a directory (letters, digits, - _ . only)");
   auto it = experts_.find(id);
-  if (it != experts_.end() && snap.version <= it->second.weights.version) {
-    return receipt_of(it->second);
+  if (it != experts_.end()) {
+    const auto& held = it->second;
+    const bool newer = snap.term > 0 || held.term > 0
+                           ? snap.term > held.term || (snap.term == held.term && snap.lsn > held.lsn)
+                           : snap.version > held.weights.version;
+    if (!newer) return receipt_of(held);
   }
+  if (snap.pending.size() > snap.lsn)
+    throw std::invalid_argument("the snapshot holds " + std::to_string(snap.pending.size()) +
+                                " pending entries but names log position " + std::to_string(snap.lsn));
+  const uint64_t base_lsn = snap.lsn - snap.pending.size();  // the position of the weights themselves
+  for (size_t i = 0; i < snap.pending.size(); ++i)
+    if (snap.pending[i].lsn != base_lsn + 1 + i || snap.pending[i].kind != net::EntryKind::buffered)
+      throw std::invalid_argument("pending entry " + std::to_string(i) + " of the snapshot is not the buffered entry " +
+                                  std::to_string(base_lsn + 1 + i));
   // The received tensors are immutable views of the message buffer: they serve pulls as they are
   // (no copy). Policies never change tensors in place (each version gets new ones), so they are
   // the weights as well.
@@ -247,6 +296,8 @@ net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
     fresh.snapshot_failures = it->second.snapshot_failures;
   }
   fresh.spec = snap.spec;
+  fresh.lsn = base_lsn;
+  fresh.term = snap.term;
   fresh.weights.version = snap.version;
   fresh.weights.weights = weights;
   fresh.policy = model::make_policy(options_.policy);
@@ -262,11 +313,13 @@ net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
     if (it != experts_.end()) fresh.log_fd = std::exchange(it->second.log_fd, -1);
     open_files(id, fresh, /*truncate_log=*/true);
   }
+  // The pending updates follow the weights in the log, as they did on the primary.
+  for (const auto& entry : snap.pending) apply_entry(fresh, entry, /*replaying=*/false);
   auto& e = experts_[id] = std::move(fresh);
   return receipt_of(e);
 }
 
-PushResult ExpertStore::push(const net::UpdatePush& u) {
+PushResult ExpertStore::push(const net::UpdatePush& u, uint64_t term) {
   PushResult r;
   r.reject.expert_id = u.expert_id;
   r.reject.update_id = u.update_id;
@@ -281,6 +334,10 @@ PushResult ExpertStore::push(const net::UpdatePush& u) {
   if (e.seen.count(u.update_id))
     return refused(e, u, net::RejectReason::duplicate_update,
                    "update '" + u.update_id + "' was already accepted; it is not applied twice");
+  if (term < e.term && term != 0)
+    throw std::logic_error("expert '" + u.expert_id + "': a push under term " + std::to_string(term) +
+                           " after term " + std::to_string(e.term));
+  if (term > e.term) e.term = term;
   return fold(e, u, /*replaying=*/false);
 }
 
@@ -302,48 +359,140 @@ PushResult ExpertStore::fold(HostedExpert& e, const net::UpdatePush& u, bool rep
   const uint64_t pre_version = e.weights.version;
   auto outcome = e.policy->submit(e.weights, cu, base);
   if (!outcome.accepted()) return refused(e, u, wire_reason(outcome.reason), outcome.detail);
+  PushResult r;
+  r.applied = outcome.verdict == model::Outcome::Verdict::applied;
+  // The entry the replicas get: a buffered update as it came, or the new version's weights as computed.
+  auto& entry = r.entry;
+  entry.lsn = e.lsn + 1;
+  entry.term = e.term;
+  entry.kind = r.applied ? net::EntryKind::applied : net::EntryKind::buffered;
+  entry.version = e.weights.version;
+  entry.has_update = true;
+  entry.update = u;
+  entry.staleness = outcome.staleness;
+  entry.weight = outcome.weight;
+  if (r.applied) {
+    entry.update.deltas.clear();
+    for (const auto& [name, t] : e.weights.weights) entry.tensors.push_back(to_wire(name, t));
+  }
   // Write-ahead: the new version (or the buffered update) is in memory but published nowhere yet; it
   // becomes visible only once its record is on disk. A failed write restores the expert (and throws).
-  if (!replaying && e.log_fd >= 0) {
-    net::Message m;
-    m.body = u;
-    auto encoded = net::encode(m);
-    std::vector<std::byte> payload(encoded.size_bytes());
-    encoded.copy_to(payload.data());
-    log_record(e, kRecordUpdate, pre_version, payload);
-  }
+  if (!replaying && e.log_fd >= 0) log_entry(e, entry, pre_version);
+  e.lsn = entry.lsn;
 
-  PushResult r;
   r.ack.expert_id = u.expert_id;
   r.ack.update_id = u.update_id;
-  remember(e, u.update_id);
-  ++e.accepted;
-  ++e.staleness_histogram[outcome.staleness];
-  auto& w = e.workers[u.worker_id];
-  ++w.accepted;
-  w.staleness_sum += outcome.staleness;
-  w.staleness_max = std::max(w.staleness_max, outcome.staleness);
-  w.last_loss = u.train_loss;
-  w.samples += u.sample_count;
+  count_accepted(e, u, outcome.staleness);
   r.accepted = true;
-  r.applied = outcome.verdict == model::Outcome::Verdict::applied;
   r.ack.staleness = outcome.staleness;
   r.ack.weight = outcome.weight;
-  if (r.applied) after_apply(e);
+  if (r.applied) {
+    e.pending_entries.clear();
+    after_apply(e, entry.tensors);
+  } else {
+    e.pending_entries.push_back(entry);
+  }
   r.ack.new_version = e.weights.version;
   return r;
 }
 
-bool ExpertStore::close_round(const std::string& expert_id) {
+void ExpertStore::count_accepted(HostedExpert& e, const net::UpdatePush& u, uint64_t staleness) {
+  remember(e, u.update_id);
+  ++e.accepted;
+  ++e.staleness_histogram[staleness];
+  auto& w = e.workers[u.worker_id];
+  ++w.accepted;
+  w.staleness_sum += staleness;
+  w.staleness_max = std::max(w.staleness_max, staleness);
+  w.last_loss = u.train_loss;
+  w.samples += u.sample_count;
+}
+
+void ExpertStore::log_entry(HostedExpert& e, const net::LogEntry& entry, uint64_t pre_version) {
+  log_record(e, kRecordEntry, pre_version, encoded_entry(e.spec.expert_id, entry));
+}
+
+void ExpertStore::append(const std::string& expert_id, const net::LogEntry& entry) {
+  auto it = experts_.find(expert_id);
+  if (it == experts_.end()) throw ReplicaRefusal("need_snapshot", "this shard holds no expert '" + expert_id + "'");
+  auto& e = it->second;
+  if (!e.failed.empty()) throw StorageError(e.failed);
+  if (entry.term < e.term)
+    throw ReplicaRefusal("stale_term", "entry " + std::to_string(entry.lsn) + " of '" + expert_id + "' is of term " +
+                                           std::to_string(entry.term) + ", this replica is at term " +
+                                           std::to_string(e.term));
+  if (entry.lsn <= e.lsn) return;  // held already (a retransmission)
+  if (entry.lsn != e.lsn + 1)
+    throw ReplicaRefusal("gap", "entry " + std::to_string(entry.lsn) + " of '" + expert_id + "' after " +
+                                    std::to_string(e.lsn));
+  apply_entry(e, entry, /*replaying=*/false);
+}
+
+void ExpertStore::apply_entry(HostedExpert& e, const net::LogEntry& entry, bool replaying) {
+  const uint64_t pre_version = e.weights.version;
+  const bool log = !replaying && e.log_fd >= 0;
+  if (entry.kind == net::EntryKind::buffered) {
+    if (entry.version != e.weights.version)
+      throw ReplicaRefusal("gap", "buffered entry " + std::to_string(entry.lsn) + " is for v" +
+                                      std::to_string(entry.version) + ", this replica is at v" +
+                                      std::to_string(e.weights.version));
+    // Into the policy's pending set exactly as on the primary (same weights, same order); it must not
+    // make a version here: only the primary's applied entry does that.
+    const model::TensorMap* base = nullptr;
+    for (const auto& [version, weights] : e.history)
+      if (version == entry.update.base_version) base = &weights;
+    auto scratch = e.weights;
+    auto outcome = e.policy->submit(scratch, client_update_of(entry.update), base);
+    if (outcome.verdict != model::Outcome::Verdict::buffered) {
+      e.policy = model::make_policy(options_.policy);  // its pending set is no longer the primary's
+      e.pending_entries.clear();
+      throw ReplicaRefusal("need_snapshot", "buffered entry " + std::to_string(entry.lsn) + " was " +
+                                                model::to_string(outcome.verdict) + " here: " + outcome.detail);
+    }
+    if (log) log_entry(e, entry, pre_version);
+    e.lsn = entry.lsn;
+    e.term = std::max(e.term, entry.term);
+    e.pending_entries.push_back(entry);
+    count_accepted(e, entry.update, entry.staleness);
+    return;
+  }
+  model::TensorMap weights;
+  for (const auto& t : entry.tensors) weights.emplace(t.name, from_wire(t));
+  if (weights.size() != e.weights.weights.size() || weights.size() != entry.tensors.size())
+    throw ReplicaRefusal("need_snapshot", "entry " + std::to_string(entry.lsn) + " holds " +
+                                              std::to_string(entry.tensors.size()) + " tensors, the expert has " +
+                                              std::to_string(e.weights.weights.size()));
+  if (log) log_entry(e, entry, pre_version);
+  e.lsn = entry.lsn;
+  e.term = std::max(e.term, entry.term);
+  e.weights.weights = std::move(weights);
+  e.weights.version = entry.version;
+  e.policy = model::make_policy(options_.policy);  // the version took every pending update
+  e.pending_entries.clear();
+  if (entry.has_update) count_accepted(e, entry.update, entry.staleness);
+  after_apply(e, entry.tensors);
+}
+
+bool ExpertStore::close_round(const std::string& expert_id, uint64_t term, net::LogEntry* entry_out) {
   auto it = experts_.find(expert_id);
   if (it == experts_.end()) return false;
   auto& e = it->second;
   if (!e.failed.empty()) throw StorageError(e.failed);
+  if (term > e.term) e.term = term;
   const uint64_t pre_version = e.weights.version;
   auto outcome = e.policy->on_deadline(e.weights);
   if (outcome.verdict != model::Outcome::Verdict::applied) return false;
-  if (e.log_fd >= 0) log_record(e, kRecordRoundClosed, pre_version, {});
-  after_apply(e);
+  net::LogEntry entry;
+  entry.lsn = e.lsn + 1;
+  entry.term = e.term;
+  entry.kind = net::EntryKind::round_closed;
+  entry.version = e.weights.version;
+  for (const auto& [name, t] : e.weights.weights) entry.tensors.push_back(to_wire(name, t));
+  if (e.log_fd >= 0) log_entry(e, entry, pre_version);
+  e.lsn = entry.lsn;
+  e.pending_entries.clear();
+  after_apply(e, entry.tensors);
+  if (entry_out) *entry_out = std::move(entry);
   return true;
 }
 
@@ -385,9 +534,9 @@ void ExpertStore::log_record(HostedExpert& e, uint32_t kind, uint64_t pre_versio
   }
 }
 
-void ExpertStore::after_apply(HostedExpert& e) {
+void ExpertStore::after_apply(HostedExpert& e, std::vector<net::Tensor> tensors) {
   ++e.versions_applied;
-  publish(e);
+  publish(e, std::move(tensors));
   if (e.log_fd >= 0 && e.weights.version - e.snapshot_version >= std::max<uint64_t>(options_.snapshot_every, 1) &&
       e.policy->pending().empty()) {
     // The version is durable in the log already: a snapshot that cannot be written (a full disk) is
@@ -417,8 +566,11 @@ void ExpertStore::write_snapshot(const std::string& expert_id, HostedExpert& e, 
   write_ids(expert_id, e, rewrite_ids);
   model::write_safetensors((dir / "snapshot.safetensors").string(), e.weights.weights,
                            {{"fedmoe.version", std::to_string(e.weights.version)},
+                            {"fedmoe.lsn", std::to_string(e.lsn)},
+                            {"fedmoe.term", std::to_string(e.term)},
                             {"fedmoe.spec", expert_spec_to_json(e.spec).dump()}});
   e.snapshot_version = e.weights.version;
+  e.snapshot_lsn = e.lsn;
 }
 
 void ExpertStore::write_ids(const std::string& expert_id, HostedExpert& e, bool rewrite) {
@@ -477,12 +629,15 @@ HostedExpert ExpertStore::load(const std::string& expert_id) {
     if (!meta.count("fedmoe.version") || !meta.count("fedmoe.spec"))
       throw std::runtime_error("no fedmoe.version / fedmoe.spec metadata");
     e.weights.version = std::stoull(meta.at("fedmoe.version"));
+    if (meta.count("fedmoe.lsn")) e.lsn = std::stoull(meta.at("fedmoe.lsn"));
+    if (meta.count("fedmoe.term")) e.term = std::stoull(meta.at("fedmoe.term"));
     e.spec = expert_spec_from_json(json::parse(meta.at("fedmoe.spec")));
     for (auto& [name, t] : model::read_safetensors(snapshot_path.string())) e.weights.weights.emplace(name, t.clone());
   } catch (const std::exception& ex) {
     throw std::runtime_error(snapshot_path.string() + ": cannot recover expert '" + expert_id + "': " + ex.what());
   }
   e.snapshot_version = e.weights.version;
+  e.snapshot_lsn = e.lsn;
   e.policy = model::make_policy(options_.policy);
   publish(e);
   {
@@ -506,10 +661,28 @@ HostedExpert ExpertStore::load(const std::string& expert_id) {
   auto records = read_log(dir / "updates.log", &good, &problem);
   size_t replayed = 0;
   for (const auto& rec : records) {
+    if (rec.kind == kRecordEntry) {
+      auto decoded = net::decode_copy(rec.payload.data(), rec.payload.size());
+      const auto* a = decoded ? std::get_if<net::ReplicaAppend>(&decoded->body) : nullptr;
+      if (!a || a->entries.size() != 1)
+        throw std::runtime_error((dir / "updates.log").string() + ": an entry record that does not decode");
+      const auto& entry = a->entries.front();
+      if (entry.lsn <= e.snapshot_lsn) {  // in the snapshot already; its id still counts
+        if (entry.has_update) remember(e, entry.update.update_id);
+        continue;
+      }
+      if (entry.lsn != e.lsn + 1)
+        throw std::runtime_error((dir / "updates.log").string() + ": entry " + std::to_string(entry.lsn) +
+                                 " follows entry " + std::to_string(e.lsn));
+      apply_entry(e, entry, /*replaying=*/true);
+      ++replayed;
+      continue;
+    }
     if (rec.kind == kRecordRoundClosed) {
       if (rec.pre_version < e.snapshot_version) continue;  // folded into the snapshot already
       if (e.policy->on_deadline(e.weights).verdict == model::Outcome::Verdict::applied) {
         ++e.versions_applied;
+        ++e.lsn;
         publish(e);
       }
       ++replayed;
@@ -568,6 +741,8 @@ json ExpertStore::status() const {
                        {"staleness_histogram", hist},
                        {"workers", workers},
                        {"snapshot_version", e.snapshot_version},
+                       {"lsn", e.lsn},
+                       {"term", e.term},
                        {"retained_update_ids", e.seen.size()},
                        {"storage_errors", e.storage_errors},
                        {"snapshot_failures", e.snapshot_failures},

@@ -6,8 +6,8 @@
 // figures.
 //
 // Durability, with a state directory: per expert DIR/<expert>/snapshot.safetensors (weights, with
-// version and spec in the metadata), DIR/<expert>/updates.log (every update accepted since that
-// snapshot, as the encoded UpdatePush with a checksum) and DIR/<expert>/update_ids (the window of
+// version, log position, term and spec in the metadata), DIR/<expert>/updates.log (every log entry
+// since that snapshot: an accepted update, or a new version with its weights, with a checksum) and DIR/<expert>/update_ids (the window of
 // recently accepted ids as of the snapshot; the log's records carry the newer ones). An update is
 // folded into a new version, appended to the log and flushed, and only then published (pulls, acks):
 // write-ahead, as etcd's WAL. A write that fails (ENOSPC, EIO) is cut back off the log and the expert
@@ -62,6 +62,14 @@ struct PushResult {
   net::UpdateAck ack;        // when accepted (buffered or applied)
   net::UpdateReject reject;  // when not: reason and detail
   bool applied = false;      // the expert moved to a new version with this call
+  net::LogEntry entry;       // when accepted: the log entry written (what the replicas get)
+};
+
+// A replica cannot take a primary's entry: `code` says why (stale_term, need_snapshot, gap), for the
+// ReplicaAck the primary reads; nothing was applied.
+struct ReplicaRefusal : std::runtime_error {
+  std::string code;
+  ReplicaRefusal(std::string c, const std::string& detail) : std::runtime_error(detail), code(std::move(c)) {}
 };
 
 struct WorkerFigures {
@@ -80,6 +88,10 @@ struct HostedExpert {
   net::ExpertSnapshot published;                     // the current version for pulls; never changes after publishing
   mutable std::optional<uint64_t> published_checksum;  // of `published`, computed on demand
   uint64_t published_bytes = 0;
+  // The expert's log (net/fedmoe.capnp LogEntry): the last entry held and the term it was written
+  // under; the entries accepted since the current version (a primary's seed hands them on).
+  uint64_t lsn = 0, term = 0;
+  std::vector<net::LogEntry> pending_entries;
   std::set<std::string> seen;                        // accepted update ids (the retained window)
   std::deque<std::string> seen_order;                // the same ids, oldest first (for pruning)
   uint64_t ids_unsaved = 0;  // the newest ids of seen_order not yet in DIR/<expert>/update_ids
@@ -90,7 +102,7 @@ struct HostedExpert {
   std::map<uint64_t, uint64_t> staleness_histogram;  // accepted updates by staleness
   std::map<std::string, WorkerFigures> workers;
   // durability
-  uint64_t snapshot_version = 0;
+  uint64_t snapshot_version = 0, snapshot_lsn = 0;
   int log_fd = -1;
   uint64_t storage_errors = 0, snapshot_failures = 0;
   std::string failed;  // not empty: the log could not be restored after a write error; no more updates
@@ -105,18 +117,33 @@ class ExpertStore {
   ExpertStore(const ExpertStore&) = delete;
   ExpertStore& operator=(const ExpertStore&) = delete;
 
-  // Hosts the snapshot's expert, or replaces it with a newer version (an older or equal one is
-  // ignored: the receipt then names the version kept). Pending buffered updates of a replaced
-  // version are dropped. Throws std::invalid_argument for tensors that are not f32/f16/bf16.
+  // Hosts the snapshot's expert, or replaces what is hosted when the snapshot is newer: a higher
+  // term, or the same term and a later log position (without a term, as from `expert --add`: a
+  // higher version). Otherwise nothing changes and the receipt names what is kept. The snapshot's
+  // pending entries are taken into the pending set. Throws std::invalid_argument for tensors that
+  // are not f32/f16/bf16 or pending entries that do not follow the snapshot's position.
   net::SnapshotReceipt install(const net::ExpertSnapshot& snapshot);
 
-  // Validates and folds one update. Unknown expert, repeated update id, and everything the policy
-  // refuses come back as a reject with reason and detail; nothing throws on a peer's input. Throws
-  // StorageError when the update cannot be made durable (the store is then as it was before).
-  PushResult push(const net::UpdatePush& update);
+  // Validates and folds one update, as the expert's primary under `term` (0: the expert's own).
+  // Unknown expert, repeated update id, and everything the policy refuses come back as a reject
+  // with reason and detail; nothing throws on a peer's input. Throws StorageError when the update
+  // cannot be made durable (the store is then as it was before).
+  PushResult push(const net::UpdatePush& update, uint64_t term = 0);
 
-  // FedAvg's round deadline for `expert_id`; true when a round closed. Throws StorageError like push.
-  bool close_round(const std::string& expert_id);
+  // FedAvg's round deadline for `expert_id`; true when a round closed (its entry in `entry`).
+  // Throws StorageError like push.
+  bool close_round(const std::string& expert_id, uint64_t term = 0, net::LogEntry* entry = nullptr);
+
+  // As a replica: takes the primary's next entry, durably, without running the policy on it (a new
+  // version takes the primary's weights as they are, so every replica holds the same bytes). An
+  // entry already held is ignored. Throws ReplicaRefusal (older term, a gap, an expert not held)
+  // or StorageError; nothing is applied then.
+  void append(const std::string& expert_id, const net::LogEntry& entry);
+
+  // What a primary seeds a replica with: the current version, its position and term, the pending
+  // entries and the retained update ids. Throws std::out_of_range for an expert not held.
+  net::ExpertSnapshot seed(const std::string& expert_id) const;
+  net::SnapshotReceipt receipt(const std::string& expert_id) const;
 
   bool contains(const std::string& expert_id) const { return experts_.count(expert_id) > 0; }
   const HostedExpert* find(const std::string& expert_id) const;
@@ -125,10 +152,10 @@ class ExpertStore {
   const ExpertStoreOptions& options() const { return options_; }
 
  private:
-  void publish(HostedExpert& e);
+  void publish(HostedExpert& e, std::vector<net::Tensor> tensors = {});
   uint64_t checksum_of(const HostedExpert& e) const;
   net::SnapshotReceipt receipt_of(const HostedExpert& e) const;  // what the current version is
-  void after_apply(HostedExpert& e);
+  void after_apply(HostedExpert& e, std::vector<net::Tensor> tensors = {});
   void open_files(const std::string& expert_id, HostedExpert& e, bool truncate_log);
   // The snapshot of the current version, after the ids (all of them rewritten with `rewrite_ids`).
   void write_snapshot(const std::string& expert_id, HostedExpert& e, bool rewrite_ids = false);
@@ -137,6 +164,11 @@ class ExpertStore {
   // Appends a record to the expert's log and flushes it; on failure cuts it back off, reloads the
   // expert from disk and throws StorageError.
   void log_record(HostedExpert& e, uint32_t kind, uint64_t pre_version, const std::vector<std::byte>& payload);
+  void log_entry(HostedExpert& e, const net::LogEntry& entry, uint64_t pre_version);
+  // Applies an entry to `e` in memory (and logs it first unless replaying): the one path by which
+  // replicas, and every store replaying its log, reach the primary's exact state.
+  void apply_entry(HostedExpert& e, const net::LogEntry& entry, bool replaying);
+  void count_accepted(HostedExpert& e, const net::UpdatePush& u, uint64_t staleness);
   HostedExpert load(const std::string& expert_id);
   void recover(const std::string& expert_id);
   PushResult fold(HostedExpert& e, const net::UpdatePush& update, bool replaying);

@@ -1,6 +1,7 @@
 #include "actors/registry.hpp"
 
 #include <algorithm>
+#include <set>
 #include <stdexcept>
 
 #include <nlohmann/json.hpp>
@@ -82,7 +83,52 @@ bool Registry::add_expert(const net::ExpertSpec& spec) {
 bool Registry::remove_expert(const std::string& expert_id) {
   if (!experts_.erase(expert_id)) return false;
   placement_.erase(expert_id);
+  in_sync_.erase(expert_id);
   return rebalance();
+}
+
+uint32_t Registry::min_in_sync() const {
+  const uint64_t r = std::max<uint64_t>(options_.replication, 1);
+  return static_cast<uint32_t>(std::min<uint64_t>(options_.min_in_sync ? options_.min_in_sync : 2, r));
+}
+
+std::string Registry::isr_change(const std::string& from, const net::IsrChange& c) {
+  auto isr = in_sync_.find(c.expert_id);
+  if (isr == in_sync_.end() || isr->second.empty()) return "expert '" + c.expert_id + "' has no in-sync set here";
+  if (isr->second.front() != from) return from + " is not the primary of '" + c.expert_id + "' (" + isr->second.front() + " is)";
+  if (c.term != term_of(c.expert_id))
+    return "term " + std::to_string(c.term) + " is not the current term " + std::to_string(term_of(c.expert_id)) +
+           " of '" + c.expert_id + "'";
+  if (c.in_sync.empty() || c.in_sync.front() != from) return "the in-sync set must start with its primary";
+  const auto& placed = placement_[c.expert_id];
+  std::set<std::string> unique;
+  for (const auto& s : c.in_sync) {
+    if (std::find(placed.begin(), placed.end(), s) == placed.end())
+      return "shard '" + s + "' does not hold a replica of '" + c.expert_id + "'";
+    if (!unique.insert(s).second) return "shard '" + s + "' is named twice";
+  }
+  if (isr->second == c.in_sync) return "";
+  isr->second = c.in_sync;
+  ++epoch_;
+  return "";
+}
+
+uint64_t Registry::term_of(const std::string& expert_id) const {
+  auto it = term_.find(expert_id);
+  return it == term_.end() ? 0 : it->second;
+}
+
+std::vector<std::string> Registry::in_sync_of(const std::string& expert_id) const {
+  auto it = in_sync_.find(expert_id);
+  return it == in_sync_.end() ? std::vector<std::string>{} : it->second;
+}
+
+std::optional<std::string> Registry::primary_of(const std::string& expert_id) const {
+  auto it = in_sync_.find(expert_id);
+  if (it == in_sync_.end() || it->second.empty()) return std::nullopt;
+  auto m = members_.find(it->second.front());
+  if (m == members_.end() || !m->second.alive) return std::nullopt;
+  return it->second.front();
 }
 
 bool Registry::rebalance() {
@@ -95,15 +141,24 @@ bool Registry::rebalance() {
   auto next_placement = placement_;
   for (auto it = next_placement.begin(); it != next_placement.end();)
     it = experts_.count(it->first) ? std::next(it) : next_placement.erase(it);
-  // Keep live replicas where they are (moving an expert costs a transfer); drop dead ones.
+  // Keep live replicas where they are (moving an expert costs a transfer); drop dead ones, except
+  // the in-sync replicas of an expert none of whose in-sync replicas lives: they hold acknowledged
+  // updates that no other replica may have, so the expert waits for one of them to return.
+  auto next_in_sync = in_sync_;
   for (auto& [expert, shards] : next_placement) {
-    std::erase_if(shards, [&](const std::string& s) { return !held.count(s); });
-    for (const auto& s : shards) ++held[s];
+    const auto& isr = next_in_sync[expert];
+    const bool any_live_in_sync = std::any_of(isr.begin(), isr.end(), [&](const std::string& s) { return held.count(s) > 0; });
+    std::erase_if(shards, [&](const std::string& s) {
+      return !held.count(s) && (any_live_in_sync || std::find(isr.begin(), isr.end(), s) == isr.end());
+    });
+    for (const auto& s : shards)
+      if (held.count(s)) ++held[s];
   }
   const size_t want = std::min<size_t>(options_.replication, live_shards.size());
   for (const auto& [expert, spec] : experts_) {
     auto& shards = next_placement[expert];
-    while (shards.size() < want) {
+    auto live_count = [&] { return size_t(std::count_if(shards.begin(), shards.end(), [&](const std::string& s) { return held.count(s) > 0; })); };
+    while (live_count() < want) {
       std::string best;
       for (const auto& s : live_shards)  // fewest replicas held, then id order: round-robin in effect
         if (std::find(shards.begin(), shards.end(), s) == shards.end() && (best.empty() || held[s] < held[best]))
@@ -141,9 +196,29 @@ bool Registry::rebalance() {
     ++workers_of[best];
   }
 
-  const bool changed = next_placement != placement_ || next_assignment != assignment_;
+  // In-sync sets follow the placement; the first live member leads, under a new term when it changes.
+  auto next_term = term_;
+  for (auto it = next_in_sync.begin(); it != next_in_sync.end();)
+    it = next_placement.count(it->first) ? std::next(it) : next_in_sync.erase(it);
+  for (auto it = next_term.begin(); it != next_term.end();)
+    it = experts_.count(it->first) ? std::next(it) : next_term.erase(it);
+  for (const auto& [expert, shards] : next_placement) {
+    auto& isr = next_in_sync[expert];
+    const auto old_primary = isr.empty() ? std::string() : isr.front();
+    std::erase_if(isr, [&](const std::string& s) { return std::find(shards.begin(), shards.end(), s) == shards.end(); });
+    if (isr.empty()) isr = shards;  // a new expert (or one re-placed from nothing): nothing acknowledged yet
+    auto leader = std::find_if(isr.begin(), isr.end(), [&](const std::string& s) { return held.count(s) > 0; });
+    if (leader != isr.end()) std::rotate(isr.begin(), leader, std::next(leader));
+    const bool leads = !isr.empty() && held.count(isr.front());
+    if (leads && (isr.front() != old_primary || next_term[expert] == 0)) ++next_term[expert];
+  }
+
+  const bool changed = next_placement != placement_ || next_assignment != assignment_ || next_in_sync != in_sync_ ||
+                       next_term != term_;
   placement_ = std::move(next_placement);
   assignment_ = std::move(next_assignment);
+  in_sync_ = std::move(next_in_sync);
+  term_ = std::move(next_term);
   if (changed) ++epoch_;
   return changed;
 }
@@ -154,7 +229,15 @@ net::PlacementMap Registry::placement() const {
   for (const auto& [expert, shards] : placement_) {
     net::ExpertPlacement e;
     e.expert_id = expert;
-    for (const auto& s : shards) {
+    e.term = term_of(expert);
+    e.in_sync = in_sync_of(expert);
+    e.min_in_sync = min_in_sync();
+    // In-sync replicas first, the primary leading: members that take the first live replica as the
+    // one to push to find the primary there.
+    std::vector<std::string> order = e.in_sync;
+    for (const auto& s : shards)
+      if (std::find(order.begin(), order.end(), s) == order.end()) order.push_back(s);
+    for (const auto& s : order) {
       auto m = members_.find(s);
       e.replicas.push_back({s, m != members_.end() ? m->second.endpoint : "", 0,
                             m != members_.end() && m->second.alive});
@@ -191,8 +274,8 @@ json Registry::to_json() const {
                        {"alive", m.alive}});
   json experts = json::array();
   for (const auto& [id, s] : experts_) experts.push_back(expert_spec_to_json(s));
-  return {{"epoch", epoch_}, {"members", members}, {"experts", experts}, {"placement", placement_},
-          {"assignments", assignment_}};
+  return {{"epoch", epoch_},           {"members", members},     {"experts", experts}, {"placement", placement_},
+          {"assignments", assignment_}, {"in_sync", in_sync_}, {"terms", term_}};
 }
 
 Registry Registry::from_json(const json& j, Options options, int64_t now_ms) {
@@ -221,6 +304,8 @@ Registry Registry::from_json(const json& j, Options options, int64_t now_ms) {
     }
     r.placement_ = j.at("placement").get<std::map<std::string, std::vector<std::string>>>();
     r.assignment_ = j.at("assignments").get<std::map<std::string, std::string>>();
+    r.in_sync_ = j.value("in_sync", std::map<std::string, std::vector<std::string>>{});
+    r.term_ = j.value("terms", std::map<std::string, uint64_t>{});
   } catch (const json::exception& e) {
     throw std::runtime_error(std::string("coordinator state: ") + e.what());
   }

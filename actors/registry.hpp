@@ -4,6 +4,14 @@
 // where they are while alive, re-placed when a shard dies), and which expert each worker trains (its
 // wish if registered, else the expert with the fewest workers). Every change bumps the epoch of the
 // PlacementMap the coordinator sends to members. to_json/from_json persist it all.
+//
+// Leadership, as Kafka's controller keeps it: each placed expert has an in-sync set (the replicas
+// holding every acknowledged update, primary first) and a term that grows whenever its primary
+// changes. The primary is the first live member of the in-sync set; a replica outside it never
+// becomes primary (it may miss acknowledged updates), so an expert whose in-sync replicas are all
+// dead has no primary until one returns, and its last in-sync replica stays placed meanwhile. Only
+// the primary changes the set, under its current term (isr_change). A new expert's first placement
+// is its in-sync set (nothing is acknowledged yet).
 #pragma once
 
 #include <cstdint>
@@ -40,7 +48,9 @@ class Registry {
   struct Options {
     uint64_t replication = 3;  // replicas per expert (fewer while fewer shards are alive)
     uint64_t lease_ms = 5000;  // a member silent this long is dead
+    uint64_t min_in_sync = 0;  // acknowledged only when this many replicas hold it (0: 2, or 1 when R = 1)
   };
+  uint32_t min_in_sync() const;
   explicit Registry(Options options) : options_(options) {}
 
   // Each returns true when the placement map changed (epoch bumped).
@@ -50,6 +60,9 @@ class Registry {
   bool expire(int64_t now_ms, std::vector<std::string>* died = nullptr);
   bool add_expert(const net::ExpertSpec& spec);  // an existing id: its spec is replaced
   bool remove_expert(const std::string& expert_id);
+  // The primary `from` asks to change an expert's in-sync set. Returns "" when applied (epoch bumped),
+  // else why not (not the primary, an older term, a shard not placed, without the primary first).
+  std::string isr_change(const std::string& from, const net::IsrChange& change);
 
   bool is_member(const std::string& node_id) const { return members_.count(node_id) > 0; }
   const std::map<std::string, Member>& members() const { return members_; }
@@ -57,6 +70,9 @@ class Registry {
   net::PlacementMap placement() const;
   std::vector<std::string> replicas_of(const std::string& expert_id) const;
   std::optional<std::string> assignment_of(const std::string& worker_id) const;
+  uint64_t term_of(const std::string& expert_id) const;
+  std::vector<std::string> in_sync_of(const std::string& expert_id) const;
+  std::optional<std::string> primary_of(const std::string& expert_id) const;
   uint64_t epoch() const { return epoch_; }
   void advance_epoch() { ++epoch_; }  // a restarted coordinator's first epoch is newer than any it sent
   const Options& options() const { return options_; }
@@ -74,6 +90,8 @@ class Registry {
   std::map<std::string, net::ExpertSpec> experts_;
   std::map<std::string, std::vector<std::string>> placement_;  // expert -> shard ids
   std::map<std::string, std::string> assignment_;              // worker -> expert
+  std::map<std::string, std::vector<std::string>> in_sync_;    // expert -> in-sync shard ids, primary first
+  std::map<std::string, uint64_t> term_;                       // expert -> leadership term
   uint64_t epoch_ = 0;
 };
 

@@ -305,6 +305,17 @@ void on_message(Self* self, const net::Message& m) {
     if (rej->reason == net::RejectReason::not_replica) return failover(self, "is not the primary: " + rej->detail);
     if (rej->reason == net::RejectReason::not_enough_replicas || rej->reason == net::RejectReason::storage_error)
       return retry_push(self, *rej);
+    // Our own update id (random per update): a push repeated after a lost answer or a failover found
+    // it held and committed already. It was applied once; that is an acknowledgement.
+    if (rej->reason == net::RejectReason::duplicate_update) {
+      auto rec = st.current;
+      rec.verdict = "accepted";
+      rec.new_version = rej->current_version;
+      ++st.accepted;
+      spdlog::info("{}: update '{}' of '{}' was held already: acknowledged", st.options.worker_id, rej->update_id,
+                   rej->expert_id);
+      return finish_round(self, rec);
+    }
     auto rec = st.current;
     rec.verdict = net::to_string(rej->reason);
     rec.new_version = rej->current_version;

@@ -24,7 +24,9 @@ static_assert(static_cast<uint16_t>(s::DType::BF16) == static_cast<uint16_t>(DTy
 static_assert(static_cast<uint16_t>(s::RejectReason::STORAGE_ERROR) ==
               static_cast<uint16_t>(RejectReason::storage_error));
 // Body's alternatives follow the union's order, so alternative i is discriminant i.
-static_assert(std::variant_size_v<Body> == static_cast<size_t>(s::Envelope::Body::ROUND_CLOSE) + 1);
+static_assert(static_cast<uint16_t>(s::EntryKind::ROUND_CLOSED) == static_cast<uint16_t>(EntryKind::round_closed));
+// Body's alternatives follow the union's order, so alternative i is discriminant i.
+static_assert(std::variant_size_v<Body> == static_cast<size_t>(s::Envelope::Body::ISR_CHANGE) + 1);
 
 const char* to_string(DecodeErrc e) {
   switch (e) {
@@ -182,6 +184,9 @@ void write(s::ExpertPlacement::Builder b, const ExpertPlacement& x) {
   b.setExpertId(text(x.expert_id));
   auto replicas = b.initReplicas(x.replicas.size());
   for (size_t i = 0; i < x.replicas.size(); ++i) write(replicas[i], x.replicas[i]);
+  b.setTerm(x.term);
+  write_texts(b.initInSync(x.in_sync.size()), x.in_sync);
+  b.setMinInSync(x.min_in_sync);
 }
 
 void write(s::Assignment::Builder b, const Assignment& x) {
@@ -251,6 +256,46 @@ class BodyWriter {
     b.setVersion(x.version);
     tensors_.write(b.initTensors(x.tensors.size()), x.tensors);
     write_texts(b.initSeenUpdateIds(x.seen_update_ids.size()), x.seen_update_ids);
+    b.setTerm(x.term);
+    b.setLsn(x.lsn);
+    write_entries(b.initPending(x.pending.size()), x.pending);
+  }
+  void write_entries(capnp::List<s::LogEntry>::Builder list, const std::vector<LogEntry>& entries) {
+    for (size_t i = 0; i < entries.size(); ++i) {
+      const auto& x = entries[i];
+      auto b = list[i];
+      b.setLsn(x.lsn);
+      b.setTerm(x.term);
+      b.setKind(static_cast<s::EntryKind>(x.kind));
+      b.setVersion(x.version);
+      if (x.has_update) write_update(b.initUpdate(), x.update);
+      tensors_.write(b.initTensors(x.tensors.size()), x.tensors);
+      b.setStaleness(x.staleness);
+      b.setWeight(x.weight);
+    }
+  }
+  void operator()(const ReplicaAppend& x) {
+    auto b = body_.initReplicaAppend();
+    b.setExpertId(text(x.expert_id));
+    b.setTerm(x.term);
+    b.setCommittedLsn(x.committed_lsn);
+    write_entries(b.initEntries(x.entries.size()), x.entries);
+  }
+  void operator()(const ReplicaAck& x) {
+    auto b = body_.initReplicaAck();
+    b.setExpertId(text(x.expert_id));
+    b.setTerm(x.term);
+    b.setLsn(x.lsn);
+    b.setVersion(x.version);
+    b.setChecksum(x.checksum);
+    b.setRefused(text(x.refused));
+  }
+  void operator()(const IsrChange& x) {
+    auto b = body_.initIsrChange();
+    b.setExpertId(text(x.expert_id));
+    b.setTerm(x.term);
+    write_texts(b.initInSync(x.in_sync.size()), x.in_sync);
+    b.setReason(text(x.reason));
   }
   void operator()(const SnapshotReceipt& x) {
     auto b = body_.initSnapshotReceipt();
@@ -259,9 +304,11 @@ class BodyWriter {
     b.setTensorCount(x.tensor_count);
     b.setByteCount(x.byte_count);
     b.setChecksum(x.checksum);
+    b.setLsn(x.lsn);
+    b.setTerm(x.term);
   }
-  void operator()(const UpdatePush& x) {
-    auto b = body_.initUpdatePush();
+  void operator()(const UpdatePush& x) { write_update(body_.initUpdatePush(), x); }
+  void write_update(s::UpdatePush::Builder b, const UpdatePush& x) {
     b.setExpertId(text(x.expert_id));
     b.setWorkerId(text(x.worker_id));
     b.setUpdateId(text(x.update_id));
@@ -477,6 +524,9 @@ class MessageReader {
       case W::ERROR_REPLY: return read(b.getErrorReply());
       case W::VERSION_NOTICE: return read(b.getVersionNotice());
       case W::ROUND_CLOSE: return read(b.getRoundClose());
+      case W::REPLICA_APPEND: return read(b.getReplicaAppend());
+      case W::REPLICA_ACK: return read(b.getReplicaAck());
+      case W::ISR_CHANGE: return read(b.getIsrChange());
     }
     fail(DecodeErrc::unknown_body, "body discriminant " + std::to_string(static_cast<uint16_t>(b.which())) +
                                        " (this build knows 0.." + std::to_string(std::variant_size_v<Body> - 1) +
@@ -671,6 +721,62 @@ class MessageReader {
     check_count(seen.size(), limits_.max_list_elements, "expertSnapshot.seenUpdateIds", "max_list_elements");
     x.seen_update_ids.reserve(seen.size());
     for (auto s : seen) x.seen_update_ids.push_back(id(s, "expertSnapshot.seenUpdateIds[]", Presence::required));
+    x.term = r.getTerm();
+    x.lsn = r.getLsn();
+    x.pending = entries(r.getPending(), "expertSnapshot.pending");
+    return x;
+  }
+
+  std::vector<LogEntry> entries(capnp::List<s::LogEntry>::Reader l, const char* field) {
+    check_count(l.size(), limits_.max_list_elements, field, "max_list_elements");
+    std::vector<LogEntry> out;
+    out.reserve(l.size());
+    for (auto r : l) {
+      LogEntry x;
+      x.lsn = r.getLsn();
+      x.term = r.getTerm();
+      x.kind = enumeration(r.getKind(), EntryKind::round_closed, "logEntry.kind");
+      x.version = r.getVersion();
+      x.has_update = r.hasUpdate();
+      if (x.has_update) x.update = read(r.getUpdate());
+      x.tensors = tensors(r.getTensors(), "logEntry.tensors");
+      x.staleness = r.getStaleness();
+      x.weight = r.getWeight();
+      if (x.kind != EntryKind::round_closed && !x.has_update)
+        fail(DecodeErrc::malformed, std::string(field) + ": a " + to_string(x.kind) + " entry without its update");
+      out.push_back(std::move(x));
+    }
+    return out;
+  }
+
+  ReplicaAppend read(s::ReplicaAppend::Reader r) {
+    ReplicaAppend x;
+    x.expert_id = id(r.getExpertId(), "replicaAppend.expertId", Presence::required);
+    x.term = r.getTerm();
+    x.committed_lsn = r.getCommittedLsn();
+    x.entries = entries(r.getEntries(), "replicaAppend.entries");
+    return x;
+  }
+
+  ReplicaAck read(s::ReplicaAck::Reader r) {
+    ReplicaAck x;
+    x.expert_id = id(r.getExpertId(), "replicaAck.expertId", Presence::required);
+    x.term = r.getTerm();
+    x.lsn = r.getLsn();
+    x.version = r.getVersion();
+    x.checksum = r.getChecksum();
+    x.refused = text(r.getRefused(), "replicaAck.refused");
+    return x;
+  }
+
+  IsrChange read(s::IsrChange::Reader r) {
+    IsrChange x;
+    x.expert_id = id(r.getExpertId(), "isrChange.expertId", Presence::required);
+    x.term = r.getTerm();
+    const auto isr = r.getInSync();
+    check_count(isr.size(), limits_.max_list_elements, "isrChange.inSync", "max_list_elements");
+    for (auto s : isr) x.in_sync.push_back(id(s, "isrChange.inSync[]", Presence::required));
+    x.reason = text(r.getReason(), "isrChange.reason");
     return x;
   }
 
@@ -681,6 +787,8 @@ class MessageReader {
     x.tensor_count = r.getTensorCount();
     x.byte_count = r.getByteCount();
     x.checksum = r.getChecksum();
+    x.lsn = r.getLsn();
+    x.term = r.getTerm();
     return x;
   }
 
@@ -732,6 +840,11 @@ class MessageReader {
     ExpertPlacement x;
     x.expert_id = id(r.getExpertId(), "expertPlacement.expertId", Presence::required);
     x.replicas = list<Replica>(r.getReplicas(), "expertPlacement.replicas");
+    x.term = r.getTerm();
+    const auto isr = r.getInSync();
+    check_count(isr.size(), limits_.max_list_elements, "expertPlacement.inSync", "max_list_elements");
+    for (auto s : isr) x.in_sync.push_back(id(s, "expertPlacement.inSync[]", Presence::required));
+    x.min_in_sync = r.getMinInSync();
     return x;
   }
 

@@ -102,6 +102,9 @@ struct ExpertSnapshot {
   tensors @2 :List(Tensor);
   seenUpdateIds @3 :List(Text); # only from a primary seeding a replica: update ids already folded in,
                                 # so that none is applied twice should the replica become primary
+  term @4 :UInt64;              # from a primary seeding a replica: its leadership term (0 = none)
+  lsn @5 :UInt64;               # the last log entry the snapshot holds, pending ones included
+  pending @6 :List(LogEntry);   # updates accepted but not yet in a version (FedAvg round, FedBuff buffer)
 }
 
 # Acknowledges a received snapshot with what the receiver verified.
@@ -111,6 +114,8 @@ struct SnapshotReceipt {
   tensorCount @2 :UInt32;
   byteCount @3 :UInt64;
   checksum @4 :UInt64;          # net::checksum over the tensors' data in order
+  lsn @5 :UInt64;               # the last log entry the receiver holds for the expert
+  term @6 :UInt64;              # the receiver's term for the expert
 }
 
 # --- training updates ------------------------------------------------------------------------------
@@ -164,6 +169,56 @@ struct RoundClose {
   roundVersion @1 :UInt64;      # the version the round started from
 }
 
+# --- replication -----------------------------------------------------------------------------------
+# Each expert has one log, written by its primary and copied in order to its replicas (Kafka's
+# partition log, Raft's log). An entry is what the primary decided, not what the worker sent: a new
+# version carries its weights exactly as the primary computed them, so every replica holds the same
+# bytes under the same version, whatever it saw before.
+
+enum EntryKind {
+  buffered @0;                  # an update accepted into the pending set (FedAvg round, FedBuff buffer)
+  applied @1;                   # an update that made a new version (FedAsync; the last one of a round/buffer)
+  roundClosed @2;               # a FedAvg round closed at its deadline: a new version, no update
+}
+
+struct LogEntry {
+  lsn @0 :UInt64;               # position in the expert's log: 1, 2, ... (a snapshot names the last it holds)
+  term @1 :UInt64;              # the primary's term when it wrote the entry
+  kind @2 :EntryKind;
+  version @3 :UInt64;           # the expert's version after the entry
+  update @4 :UpdatePush;        # buffered: the whole update; applied: without deltas (the weights say it)
+  tensors @5 :List(Tensor);     # applied, roundClosed: every weight of the new version
+  staleness @6 :UInt64;         # what the primary's policy decided for the update
+  weight @7 :Float64;
+}
+
+# Primary -> replica: entries in log order, under the primary's term.
+struct ReplicaAppend {
+  expertId @0 :Text;
+  term @1 :UInt64;
+  committedLsn @2 :UInt64;      # entries up to here are held by the whole in-sync set
+  entries @3 :List(LogEntry);
+}
+
+# Replica -> primary: what the replica holds durably after an append or a seeding snapshot.
+struct ReplicaAck {
+  expertId @0 :Text;
+  term @1 :UInt64;              # the replica's term for the expert
+  lsn @2 :UInt64;               # the last entry it holds (on disk when it has a state directory)
+  version @3 :UInt64;
+  checksum @4 :UInt64;          # of that version's weights
+  refused @5 :Text;             # "" = applied; else why: stale_term, need_snapshot, gap, storage_error
+}
+
+# Primary -> coordinator: change the in-sync set of an expert (a replica fell behind, or caught up).
+# Refused unless the sender is the expert's primary under `term`.
+struct IsrChange {
+  expertId @0 :Text;
+  term @1 :UInt64;
+  inSync @2 :List(Text);
+  reason @3 :Text;
+}
+
 # --- placement -------------------------------------------------------------------------------------
 
 struct Replica {
@@ -176,6 +231,9 @@ struct Replica {
 struct ExpertPlacement {
   expertId @0 :Text;
   replicas @1 :List(Replica);
+  term @2 :UInt64;              # the expert's leadership term: grows whenever its primary changes
+  inSync @3 :List(Text);        # shard ids holding every acknowledged update, primary first
+  minInSync @4 :UInt32;         # the primary acknowledges only with at least this many in-sync replicas
 }
 
 # Which expert a worker trains (the coordinator's choice).
@@ -288,5 +346,8 @@ struct Envelope {
     errorReply @21 :ErrorReply;
     versionNotice @22 :VersionNotice;
     roundClose @23 :RoundClose;
+    replicaAppend @24 :ReplicaAppend;
+    replicaAck @25 :ReplicaAck;
+    isrChange @26 :IsrChange;
   }
 }

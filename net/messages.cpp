@@ -58,6 +58,15 @@ const char* to_string(RejectReason r) {
   return "invalid";
 }
 
+const char* to_string(EntryKind k) {
+  switch (k) {
+    case EntryKind::buffered: return "buffered";
+    case EntryKind::applied: return "applied";
+    case EntryKind::round_closed: return "round_closed";
+  }
+  return "invalid";
+}
+
 size_t dtype_size(DType d) {
   switch (d) {
     case DType::f32: return 4;
@@ -114,7 +123,7 @@ const char* body_name(const Body& b) {
       "snapshotRequest", "expertSnapshot", "snapshotReceipt", "updatePush", "updateAck",
       "updateReject",    "placementMap",   "routeRequest", "routeReply",    "generateRequest",
       "generateReply",   "statusRequest",  "statusReply",  "errorReply",
-      "versionNotice",   "roundClose",
+      "versionNotice",   "roundClose",     "replicaAppend", "replicaAck",  "isrChange",
   };
   static_assert(std::size(kNames) == std::variant_size_v<Body>);
   if (b.valueless_by_exception()) return "valueless";

@@ -16,6 +16,7 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "fedmoe's wire tensors 
 enum class Role : uint8_t { unknown, coordinator, worker, shard, router, sim, client };
 enum class DeviceKind : uint8_t { unknown, cpu, cuda };
 enum class DType : uint8_t { f32, f16, bf16 };
+enum class EntryKind : uint8_t { buffered, applied, round_closed };
 enum class RejectReason : uint8_t {
   unknown, too_stale, non_finite, shape_mismatch, unknown_expert, duplicate_update, malformed,
   not_replica, overloaded, not_enough_replicas, storage_error
@@ -25,6 +26,7 @@ const char* to_string(Role r);
 const char* to_string(DeviceKind d);
 const char* to_string(DType d);
 const char* to_string(RejectReason r);
+const char* to_string(EntryKind k);
 size_t dtype_size(DType d);
 
 // A read-only view of tensor bytes, kept alive by `owner` (a decoded message buffer, a std::vector
@@ -98,11 +100,15 @@ struct VersionNotice {
   uint64_t version = 0;
   std::string shard_id;
 };
+struct LogEntry;
 struct ExpertSnapshot {
   ExpertSpec spec;
   uint64_t version = 0;
   std::vector<Tensor> tensors;
   std::vector<std::string> seen_update_ids;  // only when a primary seeds a replica
+  uint64_t term = 0;                         // a seeding primary's term (0 = not from a primary)
+  uint64_t lsn = 0;                          // the last log entry it holds, pending ones included
+  std::vector<LogEntry> pending;             // accepted, not yet in a version (buffered entries)
 };
 struct SnapshotReceipt {
   std::string expert_id;
@@ -110,6 +116,8 @@ struct SnapshotReceipt {
   uint32_t tensor_count = 0;
   uint64_t byte_count = 0;
   uint64_t checksum = 0;
+  uint64_t lsn = 0;
+  uint64_t term = 0;
 };
 
 // --- updates
@@ -139,6 +147,39 @@ struct UpdateReject {
   uint64_t current_version = 0;
 };
 
+// --- replication (see the schema: one log per expert, written by its primary)
+struct LogEntry {
+  uint64_t lsn = 0;
+  uint64_t term = 0;
+  EntryKind kind = EntryKind::buffered;
+  uint64_t version = 0;        // the expert's version after the entry
+  bool has_update = false;     // false for round_closed
+  UpdatePush update;           // buffered: with deltas; applied: without
+  std::vector<Tensor> tensors; // applied, round_closed: all weights of the new version
+  uint64_t staleness = 0;
+  double weight = 0;
+};
+struct ReplicaAppend {
+  std::string expert_id;
+  uint64_t term = 0;
+  uint64_t committed_lsn = 0;
+  std::vector<LogEntry> entries;
+};
+struct ReplicaAck {
+  std::string expert_id;
+  uint64_t term = 0;
+  uint64_t lsn = 0;
+  uint64_t version = 0;
+  uint64_t checksum = 0;
+  std::string refused;  // "" = applied
+};
+struct IsrChange {
+  std::string expert_id;
+  uint64_t term = 0;
+  std::vector<std::string> in_sync;
+  std::string reason;
+};
+
 // --- placement
 struct Replica {
   std::string shard_id;
@@ -149,6 +190,9 @@ struct Replica {
 struct ExpertPlacement {
   std::string expert_id;
   std::vector<Replica> replicas;
+  uint64_t term = 0;                 // grows whenever the primary changes
+  std::vector<std::string> in_sync;  // primary first
+  uint32_t min_in_sync = 1;
 };
 struct Assignment {
   std::string worker_id;
@@ -224,7 +268,7 @@ struct ErrorReply {
 using Body = std::variant<Hello, HelloAck, Heartbeat, Leave, ExpertSpec, SnapshotRequest, ExpertSnapshot,
                           SnapshotReceipt, UpdatePush, UpdateAck, UpdateReject, PlacementMap, RouteRequest,
                           RouteReply, GenerateRequest, GenerateReply, StatusRequest, StatusReply, ErrorReply,
-                          VersionNotice, RoundClose>;
+                          VersionNotice, RoundClose, ReplicaAppend, ReplicaAck, IsrChange>;
 
 struct Message {
   std::string sender_id;

@@ -67,8 +67,10 @@ struct NodeFlags {
   std::string bulk_advertise;
   std::string coordinator;  // HOST:PORT of the coordinator to join ("" = standalone)
   uint64_t heartbeat_ms = 1000;
+  uint64_t replication_timeout_ms = 5000;
   // coordinator
   uint64_t replication = 3;
+  uint64_t min_insync = 0;
   uint64_t lease_ms = 5000;
   // shard: aggregation and durability
   actors::ExpertStoreOptions store;
@@ -156,7 +158,7 @@ int run_coordinator(const NodeFlags& f, const sigset_t& signals) {
   NodeSystem node(opts);
   actors::CoordinatorOptions co;
   co.node_id = f.node_id.empty() ? "coordinator" : f.node_id;
-  co.registry = {f.replication, f.lease_ms};
+  co.registry = {f.replication, f.lease_ms, f.min_insync};
   co.state_dir = f.store.state_dir;
   auto coord = node.own(node.system().spawn(actors::coordinator, node.transport(), co));
   uint16_t port = node.publish(coord, listen.host, listen.port);
@@ -332,7 +334,11 @@ int run_shard(const NodeFlags& f, const sigset_t& signals) {
   auto store = f.store;
   store.policy.staleness_function = model::StalenessFunction::parse(f.staleness_function);
   model::make_policy(store.policy);  // a bad configuration fails here, with the field named
-  auto shard = node.own(node.system().spawn(actors::expert_shard_with, id, node.transport(), store));
+  actors::ShardOptions so;
+  so.store = store;
+  so.membership.heartbeat_ms = f.heartbeat_ms;
+  so.replication_timeout_ms = f.replication_timeout_ms;
+  auto shard = node.own(node.system().spawn(actors::expert_shard_node, id, node.transport(), so));
   uint16_t port = node.publish(shard, listen.host, listen.port);
   if (auto coord = coordinator_of(node, f)) {
     const std::string endpoint = advertised + ":" + std::to_string(port);
@@ -660,8 +666,16 @@ int node_main(int argc, char** argv) {
                  "(without --advertise it is advertised for the node's actor too, as before --advertise existed)");
 
   app.add_option("--coordinator", nf.coordinator, "HOST:PORT of the coordinator to join");
-  app.add_option("--heartbeat-ms", nf.heartbeat_ms, "heartbeat period towards the coordinator");
+  app.add_option("--heartbeat-ms", nf.heartbeat_ms,
+                 "heartbeat period towards the coordinator (a primary shard stops acknowledging after half a "
+                 "lease without an answer: keep it well under half the coordinator's --lease-ms)");
+  app.add_option("--replication-timeout-ms", nf.replication_timeout_ms,
+                 "shard: an in-sync replica silent this long leaves the in-sync set")
+      ->group("Shard");
   app.add_option("--replication", nf.replication, "coordinator: replicas per expert (R)")->group("Coordinator");
+  app.add_option("--min-insync", nf.min_insync,
+                 "coordinator: a push is acknowledged only when this many replicas hold it (default 2, 1 when R = 1)")
+      ->group("Coordinator");
   app.add_option("--lease-ms", nf.lease_ms, "coordinator: a member silent this long is dead")->group("Coordinator");
   const char* worker_group = "Worker";
   app.add_option("--expert", nf.expert, "worker: the expert to train (default: the coordinator's choice)")

@@ -99,14 +99,37 @@ ExpertSpec sample_spec() {
   return s;
 }
 
+// Log entries from `lsn` on: buffered (with deltas), applied (weights), round closed (weights, no update).
+std::vector<LogEntry> sample_entries(uint64_t lsn, size_t n) {
+  std::vector<LogEntry> out;
+  for (size_t i = 0; i < n; ++i) {
+    LogEntry e;
+    e.lsn = lsn + i;
+    e.term = 5;
+    e.kind = static_cast<EntryKind>(i % 3);
+    e.version = 40 + i;
+    e.has_update = e.kind != EntryKind::round_closed;
+    if (e.has_update) e.update = UpdatePush{"expert-sql", "worker-3", "upd-" + std::to_string(lsn + i), 39, 64, 0.5f,
+                                            e.kind == EntryKind::buffered ? sample_tensors(3) : std::vector<Tensor>{}, 4, 1.5};
+    if (e.kind != EntryKind::buffered) e.tensors = sample_tensors(4);
+    e.staleness = 1 + i;
+    e.weight = 0.25 * double(i + 1);
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
 PlacementMap sample_placement_map() {
   PlacementMap p;
   p.epoch = 7;
   p.placements = {
-      {"expert-python", {{"shard-a", "10.0.0.1:7001", 42, true}}},
-      {"expert-sql", {{"shard-a", "10.0.0.1:7001", 3, true}, {"shard-b", "10.0.0.2:7001", 2, false}}},
+      {"expert-python", {{"shard-a", "10.0.0.1:7001", 42, true}}, 3, {"shard-a"}, 1},
+      {"expert-sql", {{"shard-a", "10.0.0.1:7001", 3, true}, {"shard-b", "10.0.0.2:7001", 2, false}}, 9, {"shard-a", "shard-b"}, 2},
       {"expert-docs",
-       {{"shard-b", "10.0.0.2:7001", 9, true}, {"shard-c", "10.0.0.3:7001", 9, true}, {"shard-d", "", 8, false}}},
+       {{"shard-b", "10.0.0.2:7001", 9, true}, {"shard-c", "10.0.0.3:7001", 9, true}, {"shard-d", "", 8, false}},
+       1,
+       {"shard-c", "shard-b"},
+       2},
   };
   p.assignments = {{"worker-1", "expert-python"}, {"worker-2", "expert-sql"}};
   return p;
@@ -122,8 +145,8 @@ std::vector<Body> sample_bodies() {
   bodies.push_back(Leave{"worker-3", "shutdown requested"});
   bodies.push_back(sample_spec());
   bodies.push_back(SnapshotRequest{"expert-sql", 41, true});
-  bodies.push_back(ExpertSnapshot{sample_spec(), 42, sample_tensors(10), {"w1-r1-7", "w2-r4-9"}});
-  bodies.push_back(SnapshotReceipt{"expert-sql", 42, 5, 123456, 0xDEADBEEFCAFEF00Dull});
+  bodies.push_back(ExpertSnapshot{sample_spec(), 42, sample_tensors(10), {"w1-r1-7", "w2-r4-9"}, 5, 77, sample_entries(76, 2)});
+  bodies.push_back(SnapshotReceipt{"expert-sql", 42, 5, 123456, 0xDEADBEEFCAFEF00Dull, 77, 5});
   bodies.push_back(UpdatePush{"expert-python", "worker-3", "upd-0001", 40, 512, 0.875f, sample_tensors(20), 25, 12.5});
   bodies.push_back(UpdateAck{"expert-python", "upd-0001", 43, 3, 0.625});
   bodies.push_back(UpdateReject{"expert-python", "upd-0002", RejectReason::overloaded, "queue full", 43});
@@ -139,6 +162,9 @@ std::vector<Body> sample_bodies() {
   bodies.push_back(ErrorReply{"unknown_body", "discriminant 99"});
   bodies.push_back(VersionNotice{"expert-sql", 44, "shard-b"});
   bodies.push_back(RoundClose{"expert-docs", 17});
+  bodies.push_back(ReplicaAppend{"expert-sql", 6, 70, sample_entries(71, 3)});
+  bodies.push_back(ReplicaAck{"expert-sql", 6, 73, 44, 0x0123456789ABCDEFull, "gap"});
+  bodies.push_back(IsrChange{"expert-sql", 6, {"shard-a", "shard-c"}, "shard-b did not acknowledge entry 73"});
   return bodies;
 }
 
@@ -235,11 +261,15 @@ void check_equal(const VersionNotice& a, const VersionNotice& b) {
   CHECK(a.version == b.version);
   CHECK(a.shard_id == b.shard_id);
 }
+void check_equal(const std::vector<LogEntry>& a, const std::vector<LogEntry>& b);
 void check_equal(const ExpertSnapshot& a, const ExpertSnapshot& b) {
   check_equal(a.spec, b.spec);
   CHECK(a.version == b.version);
   check_equal(a.tensors, b.tensors);
   CHECK(a.seen_update_ids == b.seen_update_ids);
+  CHECK(a.term == b.term);
+  CHECK(a.lsn == b.lsn);
+  check_equal(a.pending, b.pending);
 }
 void check_equal(const SnapshotReceipt& a, const SnapshotReceipt& b) {
   CHECK(a.expert_id == b.expert_id);
@@ -247,6 +277,8 @@ void check_equal(const SnapshotReceipt& a, const SnapshotReceipt& b) {
   CHECK(a.tensor_count == b.tensor_count);
   CHECK(a.byte_count == b.byte_count);
   CHECK(a.checksum == b.checksum);
+  CHECK(a.lsn == b.lsn);
+  CHECK(a.term == b.term);
 }
 void check_equal(const UpdatePush& a, const UpdatePush& b) {
   CHECK(a.expert_id == b.expert_id);
@@ -281,6 +313,9 @@ void check_equal(const Replica& a, const Replica& b) {
 }
 void check_equal(const ExpertPlacement& a, const ExpertPlacement& b) {
   CHECK(a.expert_id == b.expert_id);
+  CHECK(a.term == b.term);
+  CHECK(a.in_sync == b.in_sync);
+  CHECK(a.min_in_sync == b.min_in_sync);
   REQUIRE(a.replicas.size() == b.replicas.size());
   for (size_t i = 0; i < a.replicas.size(); ++i) check_equal(a.replicas[i], b.replicas[i]);
 }
@@ -357,6 +392,41 @@ void check_equal(const ErrorReply& a, const ErrorReply& b) {
   CHECK(a.detail == b.detail);
 }
 
+void check_equal(const std::vector<LogEntry>& a, const std::vector<LogEntry>& b) {
+  REQUIRE(a.size() == b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    CHECK(a[i].lsn == b[i].lsn);
+    CHECK(a[i].term == b[i].term);
+    CHECK(a[i].kind == b[i].kind);
+    CHECK(a[i].version == b[i].version);
+    REQUIRE(a[i].has_update == b[i].has_update);
+    if (a[i].has_update) check_equal(a[i].update, b[i].update);
+    check_equal(a[i].tensors, b[i].tensors);
+    CHECK(a[i].staleness == b[i].staleness);
+    CHECK(a[i].weight == b[i].weight);
+  }
+}
+void check_equal(const ReplicaAppend& a, const ReplicaAppend& b) {
+  CHECK(a.expert_id == b.expert_id);
+  CHECK(a.term == b.term);
+  CHECK(a.committed_lsn == b.committed_lsn);
+  check_equal(a.entries, b.entries);
+}
+void check_equal(const ReplicaAck& a, const ReplicaAck& b) {
+  CHECK(a.expert_id == b.expert_id);
+  CHECK(a.term == b.term);
+  CHECK(a.lsn == b.lsn);
+  CHECK(a.version == b.version);
+  CHECK(a.checksum == b.checksum);
+  CHECK(a.refused == b.refused);
+}
+void check_equal(const IsrChange& a, const IsrChange& b) {
+  CHECK(a.expert_id == b.expert_id);
+  CHECK(a.term == b.term);
+  CHECK(a.in_sync == b.in_sync);
+  CHECK(a.reason == b.reason);
+}
+
 void check_equal(const Message& a, const Message& b) {
   CHECK(a.sender_id == b.sender_id);
   CHECK(a.correlation_id == b.correlation_id);
@@ -407,6 +477,7 @@ TEST_CASE("messages: enum names, dtype sizes, body names", "[messages]") {
   CHECK(std::string(to_string(DeviceKind::cuda)) == "cuda");
   CHECK(std::string(to_string(DType::bf16)) == "bf16");
   CHECK(std::string(to_string(RejectReason::duplicate_update)) == "duplicate_update");
+  CHECK(std::string(to_string(EntryKind::round_closed)) == "round_closed");
   CHECK(std::string(to_string(static_cast<Role>(200))) == "invalid");
   CHECK(dtype_size(DType::f32) == 4);
   CHECK(dtype_size(DType::f16) == 2);
@@ -418,7 +489,7 @@ TEST_CASE("messages: enum names, dtype sizes, body names", "[messages]") {
                             "updatePush",     "updateAck",       "updateReject",  "placementMap",
                             "routeRequest",   "routeReply",      "generateRequest", "generateReply",
                             "statusRequest",  "statusReply",     "errorReply",    "versionNotice",
-                            "roundClose"};
+                            "roundClose",     "replicaAppend",   "replicaAck",    "isrChange"};
   auto bodies = sample_bodies();
   REQUIRE(bodies.size() == std::size(expected));
   for (size_t i = 0; i < bodies.size(); ++i) CHECK(std::string(body_name(bodies[i])) == expected[i]);

@@ -169,6 +169,14 @@ TEST_CASE("coordinator actor: shards join, get placed, die and are replaced - st
     shards.push_back(
         node.system().spawn(actors::expert_shard_node, "shard-" + std::to_string(i), node.transport(), so));
   }
+  auto joined = [&] {
+    std::string error;
+    auto s = runtime::node_status(node, coord, timeout, &error);
+    return s ? nlohmann::json::parse(*s)["shards"].size() : size_t{0};
+  };
+  // All three shards are members before the experts come: each expert's first placement is its
+  // in-sync set (a replica placed later is in sync only once its primary has caught it up).
+  for (int tries = 0; tries < 100 && joined() < 3; ++tries) std::this_thread::sleep_for(std::chrono::milliseconds(20));
   // A client registers two experts (the reply is the placement map).
   for (const auto& e : {"python", "sql"}) {
     caf::scoped_actor client{node.system()};
@@ -270,7 +278,10 @@ TEST_CASE("replication: the primary forwards accepted updates - losing it loses 
   REQUIRE(p1.ok);
   REQUIRE(b1.ok);
   CHECK(p1.checksum == b1.checksum);  // bit-identical weights
-  CHECK(fedmoe::test::status_of(node, shards[primary])["replication"]["forwarded"] == 3);
+  auto replication = fedmoe::test::status_of(node, shards[primary])["replication"];
+  CHECK(replication["committed_acks"] == 3);
+  CHECK(replication["leading"]["sql"]["in_sync"].size() == 2);
+  CHECK(replication["leading"]["sql"]["committed_lsn"] == 3);
 
   // The primary dies: the backup becomes primary, the third shard is placed and seeded with v3.
   caf::anon_send_exit(shards[primary], caf::exit_reason::kill);
@@ -325,9 +336,10 @@ TEST_CASE("replication: a backup restarted with nothing is seeded again by its p
   REQUIRE(p.ok);
   REQUIRE(b.ok);
   CHECK(p.checksum == b.checksum);
-  auto seeds = fedmoe::test::status_of(node, fed.shards[primary])["seeds"];
-  CHECK(seeds["retried"].get<int>() >= 1);
-  CHECK(seeds["awaiting_receipt"] == 0);
+  auto replication = fedmoe::test::status_of(node, fed.shards[primary])["replication"];
+  CHECK(replication["seeds_sent"].get<int>() >= 2);  // one at the start of its term, one after the restart
+  CHECK(replication["leading"]["sql"]["followers"][backup]["synced"] == true);
+  CHECK(replication["leading"]["sql"]["followers"][backup]["acked_lsn"] == 3);
 }
 
 TEST_CASE("coordinator status: replicas' checksums per version, and replicas that diverged",
@@ -401,4 +413,174 @@ TEST_CASE("replication under FedAvg with a round deadline: backups close the rou
   CHECK(b["version"] == 1);
   CHECK(b["pending"] == 0);
   CHECK(b["checksum"] == p["checksum"]);  // the same round, closed the same way: bit-identical
+}
+
+TEST_CASE("acks=all: a silent replica leaves the in-sync set, fewer than min-insync acknowledge nothing, a restarted one catches up",
+          "[coordinator][replication]") {
+  const auto timeout = std::chrono::milliseconds(30'000);
+  runtime::NodeSystem node;
+  model::PolicyConfig policy;
+  policy.name = "fedasync";
+  actors::CoordinatorOptions co;
+  co.registry = {3, 60'000, 2};  // a lease far longer than the test: silent replicas stay "alive"
+  auto coord = node.own(node.system().spawn(actors::coordinator, node.transport(), co));
+  auto shard_options = [&] {
+    actors::ShardOptions so;
+    so.store.policy = policy;
+    so.membership.coordinator = coord;
+    so.membership.heartbeat_ms = 100;
+    so.replication_timeout_ms = 300;
+    return so;
+  };
+  std::map<std::string, caf::actor> shards;
+  for (int i = 0; i < 3; ++i) {
+    const auto id = "shard-" + std::to_string(i);
+    shards[id] = node.own(node.system().spawn(actors::expert_shard_node, id, node.transport(), shard_options()));
+  }
+  for (int i = 0; i < 100 && fedmoe::test::status_of(node, coord)["members"].size() < 3; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::string error;
+  auto map = runtime::register_expert(node, coord, spec("sql"), timeout, &error);
+  INFO(error);
+  REQUIRE(map);
+  REQUIRE(map->placements[0].in_sync.size() == 3);
+  CHECK(map->placements[0].min_in_sync == 2);
+  const auto primary = map->placements[0].in_sync[0], b1 = map->placements[0].in_sync[1],
+             b2 = map->placements[0].in_sync[2];
+  REQUIRE(runtime::push_snapshot(node, shards[primary], snapshot_of(0, 0.0f), timeout).ok);
+  for (int i = 0; i < 100 && (version_on(node, shards[b1]) != 0 || version_on(node, shards[b2]) != 0); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  auto push = [&](const std::string& id, uint64_t base) {
+    return runtime::push_update(node, shards[primary], update_of(id, "w", base, 1, 1.0f), timeout);
+  };
+  auto in_sync = [&] {
+    const auto status = fedmoe::test::status_of(node, coord);
+    for (const auto& p : status["placement_map"])
+      if (p["expert_id"] == "sql") return p["in_sync"].get<std::vector<std::string>>();
+    return std::vector<std::string>{};
+  };
+  auto r = push("u0", 0);
+  REQUIRE(r.accepted);
+  CHECK(version_on(node, shards[b1]) == 1);  // acknowledged = held by every in-sync replica
+  CHECK(version_on(node, shards[b2]) == 1);
+
+  // b1 stops answering (its actor is gone; the coordinator still counts it alive): the next push is
+  // acknowledged once the primary has had it taken out of the in-sync set, not around it.
+  caf::anon_send_exit(shards[b1], caf::exit_reason::kill);
+  r = push("u1", 1);
+  REQUIRE(r.accepted);
+  CHECK(in_sync() == std::vector<std::string>{primary, b2});
+  CHECK(version_on(node, shards[b2]) == 2);
+  auto replication = fedmoe::test::status_of(node, shards[primary])["replication"];
+  CHECK(replication["isr_shrinks_asked"].get<int>() >= 1);
+  CHECK(replication["leading"]["sql"]["in_sync"].size() == 2);
+
+  // b2 too: one in-sync replica is fewer than min-insync 2. The push in flight is refused, not
+  // acknowledged, and so is the next one, at once.
+  caf::anon_send_exit(shards[b2], caf::exit_reason::kill);
+  r = push("u2", 2);
+  REQUIRE(r.ok);
+  CHECK_FALSE(r.accepted);
+  CHECK(r.reject.reason == net::RejectReason::not_enough_replicas);
+  r = push("u3", 2);
+  CHECK(r.reject.reason == net::RejectReason::not_enough_replicas);
+  CHECK_THAT(r.reject.detail, Catch::Contains("1 of 'sql' replicas are in sync, 2 are needed"));
+  CHECK(in_sync() == std::vector<std::string>{primary});
+
+  // b1 comes back with nothing (a new disk): seeded, caught up, back in the set; u2, held by the
+  // primary but never acknowledged, commits with it, and its retry is answered as held.
+  shards[b1] = node.own(node.system().spawn(actors::expert_shard_node, b1, node.transport(), shard_options()));
+  for (int i = 0; i < 200 && in_sync().size() < 2; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(in_sync() == std::vector<std::string>{primary, b1});
+  CHECK(version_on(node, shards[b1]) == 3);
+  r = push("u2", 2);
+  REQUIRE(r.ok);
+  CHECK(r.reject.reason == net::RejectReason::duplicate_update);  // applied once; the worker counts it acknowledged
+  r = push("u4", 3);
+  REQUIRE(r.accepted);
+  auto p = runtime::pull_snapshot(node, shards[primary], "sql", 4, timeout);
+  auto b = runtime::pull_snapshot(node, shards[b1], "sql", 4, timeout);
+  REQUIRE(p.ok);
+  REQUIRE(b.ok);
+  CHECK(p.checksum == b.checksum);
+  CHECK(fedmoe::test::status_of(node, shards[primary])["replication"]["isr_expands_asked"].get<int>() >= 1);
+}
+
+TEST_CASE("fencing: a replica refuses an older term, gaps and entries without its term's seed; a primary without its lease acknowledges nothing",
+          "[coordinator][replication]") {
+  const auto timeout = std::chrono::milliseconds(10'000);
+  runtime::NodeSystem node;
+  caf::scoped_actor client{node.system()};
+  auto ask = [&](const caf::actor& to, net::Body body, uint64_t correlation = 7) {
+    net::Message m;
+    m.sender_id = "shard-p";
+    m.correlation_id = correlation;
+    m.body = std::move(body);
+    node.transport()->send(caf::actor{client}, to, m);
+    auto r = node.transport()->await(client, timeout);
+    REQUIRE(r);
+    REQUIRE(*r);
+    return r->value();
+  };
+  auto refused = [&](const net::Message& m) {
+    REQUIRE(std::holds_alternative<net::ReplicaAck>(m.body));
+    return std::get<net::ReplicaAck>(m.body).refused;
+  };
+  // A replica seeded under term 3, then appended to.
+  auto replica = node.own(node.system().spawn(actors::expert_shard, "shard-r", node.transport()));
+  actors::ExpertStore primary_store({});
+  primary_store.install(snapshot_of(0, 0.0f));
+  auto seed = primary_store.seed("sql");
+  seed.term = 3;
+  CHECK(refused(ask(replica, seed)) == "");
+  std::vector<net::LogEntry> entries;
+  std::vector<uint64_t> checksums;  // the primary's after each entry
+  for (int i = 0; i < 3; ++i) {
+    entries.push_back(primary_store.push(update_of("u" + std::to_string(i), "w", uint64_t(i), 1, 1.0f), 3).entry);
+    checksums.push_back(primary_store.receipt("sql").checksum);
+  }
+  CHECK(refused(ask(replica, net::ReplicaAppend{"sql", 2, 0, {entries[0]}})) == "stale_term");
+  CHECK(refused(ask(replica, net::ReplicaAppend{"sql", 3, 0, {entries[1]}})) == "gap");
+  auto ack = ask(replica, net::ReplicaAppend{"sql", 3, 0, {entries[0], entries[1]}});
+  CHECK(refused(ack) == "");
+  CHECK(std::get<net::ReplicaAck>(ack.body).lsn == 2);
+  CHECK(std::get<net::ReplicaAck>(ack.body).checksum == checksums[1]);
+  // A newer term's primary must seed it before it takes that term's entries; after that the old
+  // term is refused.
+  CHECK(refused(ask(replica, net::ReplicaAppend{"sql", 4, 0, {entries[2]}})) == "need_snapshot");
+  CHECK(refused(ask(replica, net::ReplicaAppend{"sql", 3, 0, {entries[2]}})) == "stale_term");
+  CHECK(version_on(node, replica) == 2);
+
+  // A primary whose coordinator stops answering: within half the lease it acknowledges; past it,
+  // nothing (another primary may lead on the other side of a partition); the lease renewed, again.
+  caf::scoped_actor coordinator{node.system()};
+  actors::ShardOptions so;
+  so.membership.coordinator = caf::actor{coordinator};
+  so.membership.heartbeat_ms = 60'000;  // the test answers for the coordinator
+  auto shard = node.own(node.system().spawn(actors::expert_shard_node, "shard-p", node.transport(), so));
+  auto from_coordinator = [&](net::Body body) {
+    net::Message m;
+    m.sender_id = "coordinator";
+    m.body = std::move(body);
+    node.transport()->send(caf::actor{coordinator}, shard, m);
+  };
+  net::PlacementMap map;
+  map.epoch = 1;
+  map.placements.push_back({"sql", {{"shard-p", "", 0, true}}, 1, {"shard-p"}, 1});
+  REQUIRE(runtime::push_snapshot(node, shard, snapshot_of(0, 0.0f), timeout).ok);
+  from_coordinator(net::HelloAck{true, 400, "", "coordinator"});
+  from_coordinator(map);
+  auto r = runtime::push_update(node, shard, update_of("p0", "w", 0, 1, 1.0f), timeout);
+  CHECK(r.accepted);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // > lease / 2
+  r = runtime::push_update(node, shard, update_of("p1", "w", 1, 1, 1.0f), timeout);
+  REQUIRE(r.ok);
+  CHECK(r.reject.reason == net::RejectReason::not_enough_replicas);
+  CHECK_THAT(r.reject.detail, Catch::Contains("no word from the coordinator"));
+  from_coordinator(net::HelloAck{true, 400, "", "coordinator"});
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  CHECK(runtime::push_update(node, shard, update_of("p1", "w", 1, 1, 1.0f), timeout).accepted);
+  auto status = fedmoe::test::status_of(node, shard)["replication"];
+  CHECK(status["lease_expired"] == 1);
+  CHECK(status["leading"]["sql"]["term"] == 1);
 }

@@ -399,3 +399,148 @@ TEST_CASE("store: the id window is bounded on disk too - appended at snapshots, 
     CHECK(again.push(update("u" + std::to_string(i), 20, 0.1f)).reject.reason == net::RejectReason::duplicate_update);
   CHECK(again.find("sql")->seen.count("u-torn-by-a-cra") == 0);
 }
+
+namespace {
+// The checksum of the weights `store` publishes for "sql" now.
+uint64_t checksum_now(const actors::ExpertStore& store) { return store.receipt("sql").checksum; }
+}  // namespace
+
+TEST_CASE("replicated log: a replica fed the primary's entries holds the same bytes under every version",
+          "[store][replication]") {
+  for (const char* policy : {"fedasync", "fedbuff", "fedavg"}) {
+    INFO(policy);
+    TempDir dir;
+    actors::ExpertStore primary(options(policy));
+    primary.install(initial());
+    // FedAsync mixes with the weights of the update's base version: updates trained from v1 and v2
+    // arrive while the expert is at v3, v4 ...
+    std::vector<uint64_t> bases;
+    auto next_update = [&](int i) {
+      const uint64_t v = primary.find("sql")->weights.version;
+      const uint64_t base = std::string(policy) == "fedasync" && v >= 2 && i % 2 == 1 ? v - 1 : v;
+      return update("u" + std::to_string(i), base, 0.25f * float(i + 1), "sql", "w" + std::to_string(i % 3), 10 + i);
+    };
+    for (int i = 0; i < 3; ++i) REQUIRE(primary.push(next_update(i), 1).accepted);
+    // A replica placed now (FedAsync's history of v1, v2 lives only on the primary) with a state
+    // directory, seeded from the primary mid-stream: its pending updates come with the seed.
+    actors::ExpertStore replica(options(policy, dir.path.string()));
+    auto seeded = replica.install(primary.seed("sql"));
+    CHECK(seeded.lsn == primary.find("sql")->lsn);
+    CHECK(seeded.checksum == checksum_now(primary));
+    // The same seed, folding the raw updates itself as replicas did before the log held entries.
+    actors::ExpertStore folding(options(policy));
+    folding.install(primary.seed("sql"));
+    bool folding_diverged = false;
+    std::map<uint64_t, uint64_t> checksum_at;  // version -> the primary's checksum
+    for (int i = 3; i < 12; ++i) {
+      auto u = next_update(i);
+      auto r = primary.push(u, 1);
+      REQUIRE(r.accepted);
+      CHECK(r.entry.lsn == primary.find("sql")->lsn);
+      CHECK(r.entry.kind == (r.applied ? net::EntryKind::applied : net::EntryKind::buffered));
+      replica.append("sql", r.entry);
+      replica.append("sql", r.entry);  // a retransmission changes nothing
+      folding.push(u);
+      checksum_at[primary.find("sql")->weights.version] = checksum_now(primary);
+      CHECK(replica.find("sql")->weights.version == primary.find("sql")->weights.version);
+      CHECK(checksum_now(replica) == checksum_now(primary));
+      CHECK(replica.find("sql")->policy->pending() == primary.find("sql")->policy->pending());
+      if (folding.find("sql")->weights.version == primary.find("sql")->weights.version &&
+          checksum_now(folding) != checksum_now(primary))
+        folding_diverged = true;
+    }
+    // Why entries carry weights: FedAsync folded on a replica without the base's weights differs.
+    if (std::string(policy) == "fedasync") CHECK(folding_diverged);
+    // FedAvg's deadline: the round closed on the primary is an entry too.
+    net::LogEntry closed;
+    if (primary.close_round("sql", 1, &closed)) {
+      CHECK(closed.kind == net::EntryKind::round_closed);
+      replica.append("sql", closed);
+      CHECK(checksum_now(replica) == checksum_now(primary));
+    }
+    // Restarted from its directory, the replica holds exactly the same, pending updates included.
+    const auto held = replica.receipt("sql");
+    actors::ExpertStore again(options(policy, dir.path.string()));
+    CHECK(again.receipt("sql").lsn == held.lsn);
+    CHECK(again.receipt("sql").version == held.version);
+    CHECK(again.receipt("sql").checksum == held.checksum);
+    CHECK(again.find("sql")->policy->pending() == primary.find("sql")->policy->pending());
+    CHECK(again.find("sql")->pending_entries.size() == primary.find("sql")->pending_entries.size());
+    CHECK(again.find("sql")->seen.size() == primary.find("sql")->seen.size());
+  }
+}
+
+TEST_CASE("replicated log: a restarted primary replays to the bytes it acknowledged, whatever its history held",
+          "[store][replication]") {
+  TempDir dir;
+  auto o = options("fedasync", dir.path.string());
+  o.snapshot_every = 2;       // snapshots drop the history FedAsync mixes with
+  o.history_versions = 2;
+  std::map<uint64_t, uint64_t> acknowledged;  // version -> checksum when acknowledged
+  {
+    actors::ExpertStore store(o);
+    store.install(initial());
+    for (int i = 0; i < 9; ++i) {
+      const uint64_t v = store.find("sql")->weights.version;
+      auto r = store.push(update("u" + std::to_string(i), v >= 1 && i % 2 == 0 ? v - 1 : v, 0.5f + float(i)));
+      REQUIRE(r.accepted);
+      acknowledged[store.find("sql")->weights.version] = checksum_now(store);
+    }
+  }
+  actors::ExpertStore again(o);
+  const auto* e = again.find("sql");
+  REQUIRE(e->weights.version == 9);
+  CHECK(checksum_now(again) == acknowledged[9]);
+  // Every version the log still holds replays to the acknowledged bytes.
+  for (const auto& [version, weights] : e->history) {
+    std::vector<net::Tensor> wire;
+    for (const auto& [name, t] : weights) wire.push_back(actors::to_wire(name, t));
+    CHECK(net::checksum(wire) == acknowledged[version]);
+  }
+}
+
+TEST_CASE("replicated log: older terms, gaps and stale seeds are refused; a newer term's seed replaces a tail",
+          "[store][replication]") {
+  actors::ExpertStore primary(options("fedasync")), replica(options("fedasync"));
+  primary.install(initial());
+  auto seed = primary.seed("sql");
+  seed.term = 2;
+  replica.install(seed);
+  std::vector<net::LogEntry> entries;
+  for (int i = 0; i < 3; ++i) entries.push_back(primary.push(update("u" + std::to_string(i), uint64_t(i), 1.0f), 2).entry);
+  auto refused = [&](const net::LogEntry& e) {
+    try {
+      replica.append("sql", e);
+    } catch (const actors::ReplicaRefusal& r) {
+      return r.code;
+    }
+    return std::string("applied");
+  };
+  CHECK(refused(entries[1]) == "gap");
+  CHECK(replica.find("sql")->lsn == 0);
+  CHECK(refused(entries[0]) == "applied");
+  auto old_term = entries[1];
+  old_term.term = 1;
+  CHECK(refused(old_term) == "stale_term");
+  CHECK(refused(entries[1]) == "applied");
+  CHECK(refused(entries[2]) == "applied");
+  CHECK(replica.receipt("sql").checksum == checksum_now(primary));
+  auto unknown = entries[2];
+  CHECK_THROWS_AS(actors::ExpertStore(options("fedasync")).append("sql", unknown), actors::ReplicaRefusal);
+
+  // A seed of the same term that is not newer changes nothing...
+  auto stale = seed;
+  CHECK(replica.install(stale).lsn == 3);
+  // ... but a new primary's seed (term 3) replaces even a longer tail (entries the old primary wrote
+  // that never committed): the replica then holds the new primary's state exactly.
+  actors::ExpertStore other(options("fedasync"));
+  other.install(initial());
+  other.push(update("x0", 0, -2.0f), 3);
+  auto newer = other.seed("sql");
+  newer.term = 3;
+  auto r = replica.install(newer);
+  CHECK(r.lsn == 1);
+  CHECK(r.term == 3);
+  CHECK(r.checksum == checksum_now(other));
+  CHECK(refused(entries[2]) == "stale_term");
+}
