@@ -21,8 +21,13 @@ using Self = caf::stateful_actor<ExpertShardState>;
 using round_deadline_atom = caf::atom_constant<caf::atom("rdeadline")>;
 // Periodic: replicas that stay silent leave the in-sync set, seeds are retried, waiters give up.
 using replication_tick_atom = caf::atom_constant<caf::atom("rtick")>;
+// Group commit: flush what the messages handled since the last flush wrote.
+using flush_atom = caf::atom_constant<caf::atom("flush")>;
 
 int64_t now_ms() { return net::steady_ms_now(); }
+
+void schedule_flush(Self* self);
+net::ReplicaAck replica_state(Self* self, const std::string& expert, std::string refused);
 
 void send_to(Self* self, const caf::actor& to, uint64_t correlation_id, net::Body body) {
   self->state.transport->send(self, to, self->state.node_id, correlation_id, std::move(body));
@@ -52,8 +57,8 @@ void announce_versions(Self* self) {
     const auto* e = st.store->find(expert);
     if (!e || subs.empty()) continue;
     auto& last = st.announced[expert];
-    if (e->weights.version <= last) continue;
-    last = e->weights.version;
+    if (e->published.version <= last) continue;  // what readers can pull: committed versions
+    last = e->published.version;
     for (const auto& s : subs) send_to(self, s, 0, net::VersionNotice{expert, last, st.node_id});
     st.notices_sent += subs.size();
   }
@@ -67,7 +72,7 @@ void subscribe(Self* self, const std::string& expert) {
   self->monitor(who);
   const auto* e = self->state.store->find(expert);
   auto& last = self->state.announced[expert];
-  if (e) last = std::max(last, e->weights.version);  // the subscriber has this one: it just pulled it
+  if (e) last = std::max(last, e->published.version);  // the subscriber has this one: it just pulled it
 }
 
 void reply(Self* self, uint64_t correlation_id, net::Body body) {
@@ -105,11 +110,17 @@ void seed(Self* self, const std::string& expert, const std::string& shard, const
   if (!l || !st.store->find(expert)) return;
   auto& f = l->followers[shard];
   if (f.seed_correlation != 0) ++st.counters.seeds_retried;
-  auto snap = st.store->seed(expert);
-  snap.term = l->term;
   f.synced = false;
   f.seed_correlation = st.next_correlation++;
-  f.seed_sent_ms = now_ms();
+  f.seed_sent_ms = now_ms();  // unanswered (or unsent) past the replication timeout: seeded again
+  net::ExpertSnapshot snap;
+  try {
+    snap = st.store->seed(expert);
+  } catch (const std::exception& ex) {
+    spdlog::error("{}: cannot seed {} with '{}': {}", st.node_id, shard, expert, ex.what());
+    return;
+  }
+  snap.term = l->term;
   f.sent_lsn = snap.lsn;
   ++st.counters.seeds_sent;
   spdlog::info("{}: seeding {} with '{}' v{} (entry {}, term {}): {}", st.node_id, shard, expert, snap.version, snap.lsn,
@@ -124,13 +135,20 @@ void pump(Self* self, const std::string& expert, const std::string& shard) {
   const auto* e = st.store->find(expert);
   if (!l || !e) return;
   auto& f = l->followers[shard];
-  if (!f.synced || f.sent_lsn >= e->lsn) return;
+  if (!f.synced || f.sent_lsn >= e->durable_lsn) return;
   if (l->recent.empty() || l->recent.front().lsn > f.sent_lsn + 1)
     return seed(self, expert, shard, "entries after " + std::to_string(f.sent_lsn) + " are no longer kept");
   net::ReplicaAppend append{expert, l->term, l->committed, {}};
-  for (const auto& entry : l->recent)
-    if (entry.lsn > f.sent_lsn) append.entries.push_back(entry);
-  f.sent_lsn = e->lsn;
+  uint64_t bytes = 0;
+  for (const auto& entry : l->recent) {
+    if (entry.lsn <= f.sent_lsn) continue;
+    if (!append.entries.empty() && (append.entries.size() >= 64 || bytes >= (uint64_t{64} << 20))) break;  // the rest after its answer
+    for (const auto& t : entry.tensors) bytes += t.size_bytes;
+    for (const auto& t : entry.update.deltas) bytes += t.size_bytes;
+    append.entries.push_back(entry);
+  }
+  if (append.entries.empty()) return;  // written, not yet flushed: sent once durable
+  f.sent_lsn = append.entries.back().lsn;
   ++st.counters.appends_sent;
   st.counters.entries_sent += append.entries.size();
   send_to_shard(self, shard, 0, std::move(append));
@@ -149,11 +167,18 @@ void advance_commit(Self* self, const std::string& expert) {
   auto* l = leadership(self, expert);
   const auto* e = st.store->find(expert);
   if (!l || !e) return;
+  const uint64_t before = l->committed;
   if (l->in_sync.size() >= l->min_in_sync && lease_holds(self)) {
-    uint64_t committed = e->lsn;
+    uint64_t committed = e->durable_lsn;
     for (const auto& shard : l->in_sync)
       if (shard != st.node_id) committed = std::min(committed, l->followers[shard].acked_lsn);
     l->committed = std::max(l->committed, committed);
+  }
+  if (l->committed > before) {
+    // Readers may now see what committed, here and (told so) on the replicas.
+    st.store->release(expert, l->committed);
+    for (const auto& [shard, f] : l->followers)
+      if (f.synced) send_to_shard(self, shard, 0, net::ReplicaAppend{expert, l->term, l->committed, {}});
   }
   while (!l->waiting.empty() && l->waiting.front().lsn <= l->committed) {
     auto& w = l->waiting.front();
@@ -170,12 +195,16 @@ void advance_commit(Self* self, const std::string& expert) {
   }
 }
 
-// A new entry of `expert`, written by this primary: kept for catch-up and sent to every synced replica.
-void replicate(Self* self, const std::string& expert, const net::LogEntry& entry) {
+// New entries of `expert`, written by this primary and durable here: kept for catch-up and sent to
+// every synced replica, as one append.
+void replicate(Self* self, const std::string& expert, const std::vector<net::LogEntry>& entries) {
   auto* l = leadership(self, expert);
   if (!l) return;
-  l->recent.push_back(entry);
-  if (entry.has_update) l->lsn_of_update[entry.update.update_id] = entry.lsn;
+  for (const auto& entry : entries) {
+    if (entry.term != l->term) continue;
+    l->recent.push_back(entry);
+    if (entry.has_update) l->lsn_of_update[entry.update.update_id] = entry.lsn;
+  }
   for (auto& [shard, f] : l->followers) pump(self, expert, shard);
 }
 
@@ -212,9 +241,17 @@ void replication_tick(Self* self) {
   for (auto& [expert, l] : st.leading) {
     const auto* e = st.store->find(expert);
     if (!e) continue;
-    for (auto& [shard, f] : l.followers)
+    for (auto& [shard, f] : l.followers) {
       if (!f.synced && f.seed_correlation != 0 && now - f.seed_sent_ms > timeout)
         seed(self, expert, shard, "no answer to the seed within " + std::to_string(timeout) + " ms");
+      // Behind and silent: what was sent may be lost (a failed bulk transfer, a restarted link): again.
+      if (f.synced && f.acked_lsn < e->durable_lsn && now - f.progress_ms > timeout) {
+        f.sent_lsn = f.acked_lsn;
+        f.progress_ms = now;
+        ++st.counters.resent;
+        pump(self, expert, shard);
+      }
+    }
     if (l.isr_change_sent_ms != 0 && now - l.isr_change_sent_ms > timeout) l.isr_change_sent_ms = 0;  // ask again
     if (!l.waiting.empty() && now - l.waiting.front().since_ms > timeout && l.isr_change_sent_ms == 0) {
       std::vector<std::string> keep;
@@ -234,11 +271,11 @@ void replication_tick(Self* self) {
     if (l.isr_change_sent_ms == 0) {
       auto grown = l.in_sync;
       for (const auto& [shard, f] : l.followers)
-        if (f.synced && f.acked_lsn >= e->lsn && std::find(grown.begin(), grown.end(), shard) == grown.end())
+        if (f.synced && f.acked_lsn >= e->durable_lsn && std::find(grown.begin(), grown.end(), shard) == grown.end())
           grown.push_back(shard);
       if (grown.size() > l.in_sync.size()) {
         ++st.counters.isr_expands_asked;
-        request_isr(self, expert, grown, "caught up to entry " + std::to_string(e->lsn));
+        request_isr(self, expert, grown, "caught up to entry " + std::to_string(e->durable_lsn));
       }
     }
     while (!l.waiting.empty() && now - l.waiting.front().since_ms > 2 * timeout) {
@@ -359,7 +396,7 @@ void on_update(Self* self, const net::Message& m, const net::UpdatePush& u) {
   }
   PushResult r;
   try {
-    r = st.store->push(u, l ? l->term : 0);
+    r = st.store->push(u, l ? l->term : 0, /*defer=*/true);  // flushed with whatever else waits (group commit)
   } catch (const std::exception& e) {  // storage trouble: nothing applied; say so, the worker retries later
     ++st.errors["storage_error"];
     spdlog::error("{}: update '{}' of '{}' not stored: {}", st.node_id, u.update_id, u.expert_id, e.what());
@@ -378,10 +415,70 @@ void on_update(Self* self, const net::Message& m, const net::UpdatePush& u) {
       self->delayed_send(self, std::chrono::milliseconds(policy.round_deadline_ms), round_deadline_atom::value,
                          u.expert_id, e->weights.version);
   }
-  if (!l) return reply(self, m.correlation_id, r.ack);  // standalone: durable here is all there is
-  l->waiting.push_back({caf::actor_cast<caf::actor>(self->current_sender()), m.correlation_id, r.ack, r.entry.lsn, now_ms()});
-  replicate(self, u.expert_id, r.entry);
-  advance_commit(self, u.expert_id);
+  auto& batch = st.unflushed[u.expert_id];
+  batch.waiters.push_back({caf::actor_cast<caf::actor>(self->current_sender()), m.correlation_id, r.ack, r.entry.lsn, now_ms()});
+  batch.entries.push_back(std::move(r.entry));
+  schedule_flush(self);
+}
+
+// Group commit: the first deferred write asks for a flush, which runs after every message already
+// waiting in the mailbox; all the records they wrote share its one fdatasync.
+void schedule_flush(Self* self) {
+  if (self->state.flush_scheduled) return;
+  self->state.flush_scheduled = true;
+  self->send(self, flush_atom::value);
+}
+
+void flush_all(Self* self) {
+  auto& st = self->state;
+  st.flush_scheduled = false;
+  ++st.counters.flushes;
+  // Pushes: durable here, then replicated (entries leave this shard only once it holds them: a
+  // failed flush must not leave replicas with entries the primary lost).
+  auto unflushed = std::move(st.unflushed);
+  st.unflushed.clear();
+  for (auto& [expert, batch] : unflushed) {
+    uint64_t durable = 0;
+    std::string failure;
+    try {
+      durable = st.store->flush(expert);
+    } catch (const std::exception& e) {
+      failure = e.what();
+      ++st.errors["storage_error"];
+      spdlog::error("{}: updates of '{}' not stored: {}", st.node_id, expert, failure);
+      if (const auto* held = st.store->find(expert)) durable = held->durable_lsn;
+    }
+    auto* l = leadership(self, expert);
+    std::erase_if(batch.entries, [&](const net::LogEntry& entry) { return entry.lsn > durable; });
+    if (l) replicate(self, expert, batch.entries);
+    for (auto& w : batch.waiters) {
+      if (w.lsn > durable) {
+        reject_waiter(self, w, net::RejectReason::storage_error, failure.empty() ? "not stored" : failure);
+      } else if (l) {
+        l->waiting.push_back(std::move(w));
+      } else if (primary_of(self, expert)) {  // stepped down meanwhile: the new primary decides
+        reject_waiter(self, w, net::RejectReason::not_replica, "this shard is no longer the primary of '" + expert + "'");
+      } else {
+        send_to(self, w.worker, w.correlation, w.ack);  // standalone: durable here is all there is
+      }
+    }
+    if (l) advance_commit(self, expert);
+    else if (!primary_of(self, expert)) st.store->release(expert, durable);
+  }
+  // Replicas: what the primary sent is durable here now; one answer per expert.
+  auto acks = std::move(st.acks_due);
+  st.acks_due.clear();
+  for (auto& [expert, due] : acks) {
+    std::string refused;
+    try {
+      st.store->flush(expert);
+    } catch (const std::exception& e) {
+      refused = std::string("storage_error: ") + e.what();
+    }
+    if (const auto* e = st.store->find(expert)) st.store->release(expert, std::min(due.committed, e->durable_lsn));
+    send_to(self, due.primary, 0, replica_state(self, expert, refused));
+  }
+  announce_versions(self);
 }
 
 // A replica's answer to an append or a seed.
@@ -406,14 +503,16 @@ void on_replica_ack(Self* self, const net::Message& m, const net::ReplicaAck& ac
     return;  // storage_error: it leaves the in-sync set if it stays behind
   }
   if (m.correlation_id != 0 && m.correlation_id == f.seed_correlation) {
+    f.progress_ms = now_ms();
     f.synced = true;
     f.seed_correlation = 0;
     f.sent_lsn = std::max(f.sent_lsn, ack.lsn);
   }
   if (!f.synced) return;  // an answer to entries sent before the seed
+  if (ack.lsn > f.acked_lsn) f.progress_ms = now_ms();
   f.acked_lsn = std::max(f.acked_lsn, ack.lsn);
   const auto* e = st.store->find(ack.expert_id);
-  if (e && ack.lsn == e->lsn && ack.version == e->weights.version && ack.checksum != net::checksum(e->published.tensors)) {
+  if (e && ack.version == e->published.version && ack.checksum != st.store->receipt(ack.expert_id).checksum) {
     ++st.counters.diverged;
     spdlog::error("{}: replica {} of '{}' holds other bytes under v{}: seeding it again", st.node_id, m.sender_id,
                   ack.expert_id, ack.version);
@@ -429,8 +528,8 @@ net::ReplicaAck replica_state(Self* self, const std::string& expert, std::string
   auto& st = self->state;
   net::ReplicaAck ack{expert, st.known_term[expert], 0, 0, 0, std::move(refused)};
   if (const auto* e = st.store->find(expert)) {
-    ack.lsn = e->lsn;
-    ack.version = e->weights.version;
+    ack.lsn = e->durable_lsn;
+    ack.version = e->published.version;
     ack.checksum = st.store->receipt(expert).checksum;
   }
   if (!ack.refused.empty()) ++st.counters.refusals_sent[ack.refused.substr(0, ack.refused.find(':'))];
@@ -468,26 +567,50 @@ void on_append(Self* self, const net::Message& m, const net::ReplicaAppend& a) {
   known = a.term;
   if (leadership(self, a.expert_id)) step_down(self, a.expert_id, m.sender_id + " appends under term " + std::to_string(a.term));
   if (st.synced_term[a.expert_id] != a.term) return reply(self, 0, replica_state(self, a.expert_id, "need_snapshot"));
-  for (const auto& entry : a.entries) {
+  if (a.entries.empty()) {  // the primary's commit point moved: readers may see what it covers
+    if (const auto* e = st.store->find(a.expert_id)) st.store->release(a.expert_id, std::min(a.committed_lsn, e->durable_lsn));
+    return;
+  }
+  const auto* held = st.store->find(a.expert_id);
+  if (!held) return reply(self, 0, replica_state(self, a.expert_id, "need_snapshot"));
+  // Entries are applied strictly in log order. A large append travels the bulk channel and a small
+  // one inline, so a later one may arrive first: it waits here (bounded) for the ones before it.
+  auto& early = st.early[a.expert_id];
+  for (const auto& entry : a.entries)
+    if (entry.lsn > held->lsn) early.insert_or_assign(entry.lsn, entry);
+  auto& due = st.acks_due[a.expert_id];
+  due.primary = caf::actor_cast<caf::actor>(self->current_sender());
+  due.committed = std::max(due.committed, a.committed_lsn);
+  schedule_flush(self);  // answered once flushed, with whatever else arrived meanwhile (group commit)
+  while (!early.empty()) {
+    auto next = early.begin();
+    if (next->first <= held->lsn) {
+      early.erase(next);
+      continue;
+    }
+    if (next->first != held->lsn + 1) break;  // a gap: the entries before it are still on their way
     try {
-      st.store->append(a.expert_id, entry);
+      st.store->append(a.expert_id, next->second, /*defer=*/true);
     } catch (const ReplicaRefusal& r) {
-      spdlog::warn("{}: entry {} of '{}' refused: {}", st.node_id, entry.lsn, a.expert_id, r.what());
+      spdlog::warn("{}: entry {} of '{}' refused: {}", st.node_id, next->first, a.expert_id, r.what());
+      early.clear();
       return reply(self, 0, replica_state(self, a.expert_id, r.code));
     } catch (const std::exception& e) {
-      spdlog::error("{}: entry {} of '{}' not stored: {}", st.node_id, entry.lsn, a.expert_id, e.what());
+      spdlog::error("{}: entry {} of '{}' not stored: {}", st.node_id, next->first, a.expert_id, e.what());
+      early.clear();
       return reply(self, 0, replica_state(self, a.expert_id, std::string("storage_error: ") + e.what()));
     }
+    early.erase(next);
   }
-  reply(self, 0, replica_state(self, a.expert_id, ""));
+  if (early.size() > st.recent_entries) early.clear();  // lost, not late: the primary sends them again
 }
 
 void on_pull(Self* self, const net::Message& m, const net::SnapshotRequest& req) {
   const auto* e = self->state.store->find(req.expert_id);
   if (!e) return reply_error(self, m.correlation_id, "unknown_expert", "this shard holds no expert '" + req.expert_id + "'");
-  if (e->weights.version < req.min_version)
+  if (e->published.version < req.min_version)
     return reply_error(self, m.correlation_id, "version_unavailable",
-                       "expert '" + req.expert_id + "' is at v" + std::to_string(e->weights.version) + ", v" +
+                       "expert '" + req.expert_id + "' is at v" + std::to_string(e->published.version) + ", v" +
                            std::to_string(req.min_version) + " was asked for");
   ++self->state.pulls_served;
   if (req.subscribe) subscribe(self, req.expert_id);
@@ -496,9 +619,14 @@ void on_pull(Self* self, const net::Message& m, const net::SnapshotRequest& req)
 
 
 
-std::string status_json(Self* self) {
+std::string status_json(Self* self, bool verbose) {
   auto& st = self->state;
   nlohmann::json j;
+  if (verbose) {  // the retained update ids per expert (what a chaos test checks exactly-once with)
+    nlohmann::json ids = nlohmann::json::object();
+    for (const auto& id : st.store->expert_ids()) ids[id] = st.store->find(id)->seen_order;
+    j["update_ids"] = ids;
+  }
   j["node_id"] = st.node_id;
   j["role"] = "shard";
   j["experts"] = st.store->status();
@@ -528,6 +656,8 @@ std::string status_json(Self* self) {
                       {"entries_sent", c.entries_sent},
                       {"seeds_sent", c.seeds_sent},
                       {"seeds_retried", c.seeds_retried},
+                      {"flushes", c.flushes},
+                      {"resent", c.resent},
                       {"committed_acks", c.committed_acks},
                       {"isr_shrinks_asked", c.isr_shrinks_asked},
                       {"isr_expands_asked", c.isr_expands_asked},
@@ -568,8 +698,10 @@ void on_round_deadline(Self* self, const std::string& expert_id, uint64_t round_
     if (st.store->close_round(expert_id, l ? l->term : 0, &entry)) {
       spdlog::info("{}: round of '{}' closed at its deadline: v{}", st.node_id, expert_id, entry.version);
       if (l) {
-        replicate(self, expert_id, entry);
+        replicate(self, expert_id, {entry});
         advance_commit(self, expert_id);
+      } else {
+        st.store->release(expert_id, entry.lsn);  // standalone: durable here is all there is
       }
       return announce_versions(self);
     }
@@ -618,7 +750,7 @@ void on_message(Self* self, const net::Message& m) {
     return;
   }
   if (auto* req = std::get_if<net::StatusRequest>(&m.body))
-    return reply(self, m.correlation_id, net::StatusReply{req->request_id, st.node_id, net::Role::shard, status_json(self)});
+    return reply(self, m.correlation_id, net::StatusReply{req->request_id, st.node_id, net::Role::shard, status_json(self, req->verbose)});
   reply_error(self, m.correlation_id, "unsupported",
               std::string("an expert shard does not handle ") + net::body_name(m.body) + " messages");
 }
@@ -640,6 +772,7 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
                                 ShardOptions options) {
   self->state.node_id = std::move(node_id);
   self->state.transport = std::move(transport);
+  options.store.release_on_durable = false;  // readers see versions at the commit point (release())
   self->state.store = std::make_unique<ExpertStore>(std::move(options.store));
   self->state.membership = std::move(options.membership);
   self->state.replication_timeout_ms = std::max<uint64_t>(options.replication_timeout_ms, 1);
@@ -674,6 +807,7 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
             seed(self, expert, shard, restarted ? "it restarted" : "reachable now");
         }
       },
+      [=](flush_atom) { flush_all(self); },
       [=](replication_tick_atom) {
         replication_tick(self);
         self->delayed_send(self, std::chrono::milliseconds(std::max<uint64_t>(self->state.replication_timeout_ms / 4, 10)),

@@ -49,6 +49,7 @@ struct ExpertShardState {
     bool synced = false;     // holds our seed of this term: entries may follow
     uint64_t seed_correlation = 0;
     int64_t seed_sent_ms = 0;
+    int64_t progress_ms = 0;  // when acked_lsn last moved (or the seed was answered)
   };
   struct Waiter {  // a worker waiting for its entry to commit
     caf::actor worker;
@@ -69,8 +70,22 @@ struct ExpertShardState {
     int64_t isr_change_sent_ms = 0;  // an IsrChange awaiting the coordinator's map (0: none)
   };
   std::map<std::string, Leadership> leading;            // expert -> leadership
+  // Group commit: pushes written but not yet flushed (their waiters and entries), and replicas'
+  // answers due once what the primary sent is flushed.
+  struct Unflushed {
+    std::vector<Waiter> waiters;
+    std::vector<net::LogEntry> entries;
+  };
+  std::map<std::string, Unflushed> unflushed;
+  struct AckDue {
+    caf::actor primary;
+    uint64_t committed = 0;
+  };
+  std::map<std::string, AckDue> acks_due;
+  bool flush_scheduled = false;
   std::map<std::string, uint64_t> known_term;           // expert -> highest term heard of
   std::map<std::string, uint64_t> synced_term;          // expert -> term of the seed this replica holds
+  std::map<std::string, std::map<uint64_t, net::LogEntry>> early;  // expert -> entries ahead of a gap, by lsn
   std::map<std::string, std::string> primary;           // expert -> primary named by the latest map
   std::map<std::string, caf::actor> peers;              // shard id -> handle (from the coordinator)
   int64_t lease_ms = 0;                  // the coordinator's lease (HelloAck); 0 = not in a federation yet
@@ -79,7 +94,7 @@ struct ExpertShardState {
   uint64_t replication_timeout_ms = 5000;
   size_t recent_entries = 256;           // entries kept for catch-up (older ones: a seed instead)
   struct Counters {
-    uint64_t appends_sent = 0, entries_sent = 0, seeds_sent = 0, seeds_retried = 0;
+    uint64_t appends_sent = 0, entries_sent = 0, seeds_sent = 0, seeds_retried = 0, flushes = 0, resent = 0;
     uint64_t committed_acks = 0, isr_shrinks_asked = 0, isr_expands_asked = 0, stepped_down = 0;
     uint64_t not_enough_replicas = 0, lease_expired = 0, duplicates_acked = 0, diverged = 0;
     std::map<std::string, uint64_t> refusals_received;  // replicas' refusals by code

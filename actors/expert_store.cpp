@@ -51,7 +51,7 @@ static_assert(sizeof(RecordHeader) == 24);
 
 std::string errno_text() { return std::strerror(errno); }
 
-void append_record(int fd, uint32_t kind, uint64_t pre_version, const std::vector<std::byte>& payload, bool sync,
+void append_record(int fd, uint32_t kind, uint64_t pre_version, const std::vector<std::byte>& payload,
                    const std::string& what) {
   RecordHeader h{kLogMagic, kind, pre_version, payload.size()};
   uint64_t sum = net::checksum(&h, sizeof h);
@@ -61,7 +61,6 @@ void append_record(int fd, uint32_t kind, uint64_t pre_version, const std::vecto
   model::write_all(fd, &h, sizeof h, what);
   model::write_all(fd, payload.data(), payload.size(), what);
   model::write_all(fd, &sum, sizeof sum, what);
-  if (sync && ::fdatasync(fd) != 0) throw std::runtime_error("cannot flush " + what + ": " + errno_text());
 }
 
 struct LogRecord {
@@ -218,12 +217,56 @@ void ExpertStore::publish(HostedExpert& e, std::vector<net::Tensor> tensors) {
   if (tensors.empty())
     for (const auto& [name, t] : e.weights.weights) tensors.push_back(to_wire(name, t));
   snap.tensors = std::move(tensors);
-  e.published_checksum.reset();  // computed when status or a receipt asks for it
-  e.published_bytes = 0;
-  for (const auto& t : snap.tensors) e.published_bytes += t.size_bytes;
-  e.published = std::move(snap);
   e.history.emplace_back(e.weights.version, e.weights.weights);
   while (e.history.size() > std::max<uint64_t>(options_.history_versions, 1)) e.history.pop_front();
+  // Visible once durable and released (make_visible); until then readers keep the version before.
+  e.unreleased.emplace_back(e.lsn, std::move(snap));
+  make_visible(e);
+}
+
+void ExpertStore::make_visible(HostedExpert& e) {
+  if (options_.release_on_durable) e.released_lsn = std::max(e.released_lsn, e.durable_lsn);
+  const uint64_t visible = std::min(e.released_lsn, e.durable_lsn);
+  bool moved = false;
+  while (!e.unreleased.empty() && e.unreleased.front().first <= visible) {
+    e.published = std::move(e.unreleased.front().second);
+    e.unreleased.pop_front();
+    moved = true;
+  }
+  if (!moved) return;
+  e.published_checksum.reset();  // computed when status or a receipt asks for it
+  e.published_bytes = 0;
+  for (const auto& t : e.published.tensors) e.published_bytes += t.size_bytes;
+}
+
+uint64_t ExpertStore::flush(const std::string& expert_id) {
+  auto& e = experts_.at(expert_id);
+  if (!e.failed.empty()) throw StorageError(e.failed);
+  flush(e);
+  return e.durable_lsn;
+}
+
+void ExpertStore::flush(HostedExpert& e) {
+  if (e.log_fd >= 0 && e.durable_lsn != e.lsn) {
+    if (options_.fsync && ::fdatasync(e.log_fd) != 0) {
+      const std::string why = "cannot flush the update log of " + e.spec.expert_id + ": " + errno_text();
+      ++e.storage_errors;
+      restore(e, e.synced_bytes, why);
+      throw StorageError(why + " (the records since the last flush are cut off; the expert stays at v" +
+                         std::to_string(e.weights.version) + ")");
+    }
+    const off_t end = ::lseek(e.log_fd, 0, SEEK_END);
+    if (end >= 0) e.synced_bytes = end;
+  }
+  e.durable_lsn = e.lsn;
+  make_visible(e);
+}
+
+void ExpertStore::release(const std::string& expert_id, uint64_t lsn) {
+  auto it = experts_.find(expert_id);
+  if (it == experts_.end() || lsn <= it->second.released_lsn) return;
+  it->second.released_lsn = lsn;
+  make_visible(it->second);
 }
 
 uint64_t ExpertStore::checksum_of(const HostedExpert& e) const {
@@ -232,15 +275,25 @@ uint64_t ExpertStore::checksum_of(const HostedExpert& e) const {
 }
 
 net::SnapshotReceipt ExpertStore::receipt_of(const HostedExpert& e) const {
-  return {e.spec.expert_id, e.weights.version, static_cast<uint32_t>(e.published.tensors.size()), e.published_bytes,
-          checksum_of(e), e.lsn, e.term};
+  return {e.spec.expert_id, e.published.version, static_cast<uint32_t>(e.published.tensors.size()), e.published_bytes,
+          checksum_of(e), e.durable_lsn, e.term};
 }
 
 net::SnapshotReceipt ExpertStore::receipt(const std::string& expert_id) const { return receipt_of(experts_.at(expert_id)); }
 
-net::ExpertSnapshot ExpertStore::seed(const std::string& expert_id) const {
-  const auto& e = experts_.at(expert_id);
-  auto snap = e.published;
+net::ExpertSnapshot ExpertStore::seed(const std::string& expert_id) {
+  auto& e = experts_.at(expert_id);
+  if (!e.failed.empty()) throw StorageError(e.failed);
+  flush(e);
+  net::ExpertSnapshot snap;
+  snap.spec = e.spec;
+  snap.version = e.weights.version;
+  // The tensors in the order this version is published in (an installed version keeps its sender's
+  // order; versions made here follow the names): checksums are over tensors in order.
+  if (e.unreleased.empty() && e.published.version == e.weights.version)
+    snap.tensors = e.published.tensors;
+  else
+    for (const auto& [name, t] : e.weights.weights) snap.tensors.push_back(to_wire(name, t));
   snap.seen_update_ids.assign(e.seen_order.begin(), e.seen_order.end());
   snap.term = e.term;
   snap.lsn = e.lsn;
@@ -296,7 +349,7 @@ net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
     fresh.snapshot_failures = it->second.snapshot_failures;
   }
   fresh.spec = snap.spec;
-  fresh.lsn = base_lsn;
+  fresh.lsn = fresh.durable_lsn = fresh.released_lsn = base_lsn;
   fresh.term = snap.term;
   fresh.weights.version = snap.version;
   fresh.weights.weights = weights;
@@ -315,11 +368,12 @@ net::SnapshotReceipt ExpertStore::install(const net::ExpertSnapshot& snap) {
   }
   // The pending updates follow the weights in the log, as they did on the primary.
   for (const auto& entry : snap.pending) apply_entry(fresh, entry, /*replaying=*/false);
+  fresh.released_lsn = fresh.lsn;  // buffered entries make no version: nothing more to show
   auto& e = experts_[id] = std::move(fresh);
   return receipt_of(e);
 }
 
-PushResult ExpertStore::push(const net::UpdatePush& u, uint64_t term) {
+PushResult ExpertStore::push(const net::UpdatePush& u, uint64_t term, bool defer) {
   PushResult r;
   r.reject.expert_id = u.expert_id;
   r.reject.update_id = u.update_id;
@@ -338,7 +392,9 @@ PushResult ExpertStore::push(const net::UpdatePush& u, uint64_t term) {
     throw std::logic_error("expert '" + u.expert_id + "': a push under term " + std::to_string(term) +
                            " after term " + std::to_string(e.term));
   if (term > e.term) e.term = term;
-  return fold(e, u, /*replaying=*/false);
+  auto folded = fold(e, u, /*replaying=*/false);
+  if (folded.accepted && !defer) flush(e);
+  return folded;
 }
 
 PushResult ExpertStore::fold(HostedExpert& e, const net::UpdatePush& u, bool replaying) {
@@ -379,6 +435,8 @@ PushResult ExpertStore::fold(HostedExpert& e, const net::UpdatePush& u, bool rep
   // becomes visible only once its record is on disk. A failed write restores the expert (and throws).
   if (!replaying && e.log_fd >= 0) log_entry(e, entry, pre_version);
   e.lsn = entry.lsn;
+  if (replaying || e.log_fd < 0) e.durable_lsn = e.lsn;  // on disk already, or nowhere to put it
+  if (replaying) e.released_lsn = e.lsn;
 
   r.ack.expert_id = u.expert_id;
   r.ack.update_id = u.update_id;
@@ -412,7 +470,7 @@ void ExpertStore::log_entry(HostedExpert& e, const net::LogEntry& entry, uint64_
   log_record(e, kRecordEntry, pre_version, encoded_entry(e.spec.expert_id, entry));
 }
 
-void ExpertStore::append(const std::string& expert_id, const net::LogEntry& entry) {
+void ExpertStore::append(const std::string& expert_id, const net::LogEntry& entry, bool defer) {
   auto it = experts_.find(expert_id);
   if (it == experts_.end()) throw ReplicaRefusal("need_snapshot", "this shard holds no expert '" + expert_id + "'");
   auto& e = it->second;
@@ -425,10 +483,10 @@ void ExpertStore::append(const std::string& expert_id, const net::LogEntry& entr
   if (entry.lsn != e.lsn + 1)
     throw ReplicaRefusal("gap", "entry " + std::to_string(entry.lsn) + " of '" + expert_id + "' after " +
                                     std::to_string(e.lsn));
-  apply_entry(e, entry, /*replaying=*/false);
+  apply_entry(e, entry, /*replaying=*/false, defer);
 }
 
-void ExpertStore::apply_entry(HostedExpert& e, const net::LogEntry& entry, bool replaying) {
+void ExpertStore::apply_entry(HostedExpert& e, const net::LogEntry& entry, bool replaying, bool defer) {
   const uint64_t pre_version = e.weights.version;
   const bool log = !replaying && e.log_fd >= 0;
   if (entry.kind == net::EntryKind::buffered) {
@@ -452,8 +510,11 @@ void ExpertStore::apply_entry(HostedExpert& e, const net::LogEntry& entry, bool 
     if (log) log_entry(e, entry, pre_version);
     e.lsn = entry.lsn;
     e.term = std::max(e.term, entry.term);
+    if (!log) e.durable_lsn = e.lsn;
+    if (replaying) e.released_lsn = e.lsn;
     e.pending_entries.push_back(entry);
     count_accepted(e, entry.update, entry.staleness);
+    if (log && !defer) flush(e);
     return;
   }
   model::TensorMap weights;
@@ -465,12 +526,16 @@ void ExpertStore::apply_entry(HostedExpert& e, const net::LogEntry& entry, bool 
   if (log) log_entry(e, entry, pre_version);
   e.lsn = entry.lsn;
   e.term = std::max(e.term, entry.term);
+  if (!log) e.durable_lsn = e.lsn;
+  if (replaying) e.released_lsn = e.lsn;
   e.weights.weights = std::move(weights);
   e.weights.version = entry.version;
-  e.policy = model::make_policy(options_.policy);  // the version took every pending update
+  if (!e.pending_entries.empty() || !e.policy->pending().empty())
+    e.policy = model::make_policy(options_.policy);  // the version took every pending update
   e.pending_entries.clear();
   if (entry.has_update) count_accepted(e, entry.update, entry.staleness);
   after_apply(e, entry.tensors);
+  if (log && !defer) flush(e);
 }
 
 bool ExpertStore::close_round(const std::string& expert_id, uint64_t term, net::LogEntry* entry_out) {
@@ -490,47 +555,64 @@ bool ExpertStore::close_round(const std::string& expert_id, uint64_t term, net::
   for (const auto& [name, t] : e.weights.weights) entry.tensors.push_back(to_wire(name, t));
   if (e.log_fd >= 0) log_entry(e, entry, pre_version);
   e.lsn = entry.lsn;
+  if (e.log_fd < 0) e.durable_lsn = e.lsn;
   e.pending_entries.clear();
   after_apply(e, entry.tensors);
+  flush(e);
   if (entry_out) *entry_out = std::move(entry);
   return true;
 }
 
 void ExpertStore::log_record(HostedExpert& e, uint32_t kind, uint64_t pre_version, const std::vector<std::byte>& payload) {
-  const std::string expert_id = e.spec.expert_id;
-  const std::string what = "the update log of " + expert_id;
+  const std::string what = "the update log of " + e.spec.expert_id;
   const off_t before = ::lseek(e.log_fd, 0, SEEK_END);
   try {
     if (before < 0) throw std::runtime_error("cannot find the end of " + what + ": " + errno_text());
-    append_record(e.log_fd, kind, pre_version, payload, options_.fsync, what);
-    return;
+    append_record(e.log_fd, kind, pre_version, payload, what);
   } catch (const std::exception& ex) {
-    const std::string why = ex.what();
     ++e.storage_errors;
-    // Cut the partial record back off (ftruncate frees blocks, so it works on a full disk) and reload
-    // the expert from what the disk holds: memory then matches the durable, acknowledged state.
-    if (before < 0 || ::ftruncate(e.log_fd, before) != 0 || (options_.fsync && ::fdatasync(e.log_fd) != 0)) {
-      e.failed = "expert '" + expert_id + "' takes no more updates until the shard restarts: " + why +
-                 ", and the partial record could not be cut off the log (" + errno_text() + ")";
-      spdlog::error("{}", e.failed);
-      throw StorageError(e.failed);
-    }
-    const auto counters = std::make_tuple(e.accepted, e.versions_applied, e.rejected, e.staleness_histogram, e.workers,
-                                          e.storage_errors, e.snapshot_failures);
-    try {
-      auto reloaded = load(expert_id);
-      ::close(e.log_fd);
-      e = std::move(reloaded);
-      std::tie(e.accepted, e.versions_applied, e.rejected, e.staleness_histogram, e.workers, e.storage_errors,
-               e.snapshot_failures) = counters;
-      open_files(expert_id, e, /*truncate_log=*/false);
-    } catch (const std::exception& reload) {
-      e.failed = "expert '" + expert_id + "' takes no more updates until the shard restarts: " + why +
-                 ", and reloading it failed: " + reload.what();
-      spdlog::error("{}", e.failed);
-      throw StorageError(e.failed);
-    }
-    throw StorageError(why + " (nothing applied; the expert stays at v" + std::to_string(e.weights.version) + ")");
+    restore(e, before, ex.what());
+    throw StorageError(std::string(ex.what()) + " (nothing applied; the expert stays at v" +
+                       std::to_string(e.weights.version) + ")");
+  }
+}
+
+void ExpertStore::restore(HostedExpert& e, int64_t length, const std::string& why) {
+  const std::string expert_id = e.spec.expert_id;
+  // Cut the log back (ftruncate frees blocks, so it works on a full disk) and reload the expert from
+  // what the disk holds: memory then matches the durable state.
+  if (length < 0 || ::ftruncate(e.log_fd, length) != 0 || (options_.fsync && ::fdatasync(e.log_fd) != 0)) {
+    e.failed = "expert '" + expert_id + "' takes no more updates until the shard restarts: " + why +
+               ", and the log could not be cut back (" + errno_text() + ")";
+    spdlog::error("{}", e.failed);
+    throw StorageError(e.failed);
+  }
+  const auto counters = std::make_tuple(e.accepted, e.versions_applied, e.rejected, e.staleness_histogram, e.workers,
+                                        e.storage_errors, e.snapshot_failures);
+  auto seen_by_readers = e.published;
+  const uint64_t released = e.released_lsn;
+  try {
+    auto reloaded = load(expert_id);
+    ::close(e.log_fd);
+    e = std::move(reloaded);
+    std::tie(e.accepted, e.versions_applied, e.rejected, e.staleness_histogram, e.workers, e.storage_errors,
+             e.snapshot_failures) = counters;
+    open_files(expert_id, e, /*truncate_log=*/false);
+  } catch (const std::exception& reload) {
+    e.failed = "expert '" + expert_id + "' takes no more updates until the shard restarts: " + why +
+               ", and reloading it failed: " + reload.what();
+    spdlog::error("{}", e.failed);
+    throw StorageError(e.failed);
+  }
+  if (!options_.release_on_durable && released < e.lsn) {
+    // Readers keep what they saw until the commit point passes what the disk holds beyond it.
+    e.unreleased.clear();
+    e.unreleased.emplace_back(e.lsn, std::move(e.published));
+    e.published = std::move(seen_by_readers);
+    e.published_checksum.reset();
+    e.published_bytes = 0;
+    for (const auto& t : e.published.tensors) e.published_bytes += t.size_bytes;
+    e.released_lsn = released;
   }
 }
 
@@ -550,8 +632,13 @@ void ExpertStore::after_apply(HostedExpert& e, std::vector<net::Tensor> tensors)
       return;
     }
     // Every logged record is folded into the snapshot now (nothing is pending): start the log over.
+    // The snapshot is on disk (fsynced): every record, flushed or not, is durable through it.
     if (::ftruncate(e.log_fd, 0) != 0)
       spdlog::warn("expert '{}': cannot restart the update log: {}", e.spec.expert_id, errno_text());
+    else
+      e.synced_bytes = 0;
+    e.durable_lsn = e.lsn;
+    make_visible(e);
   }
 }
 
@@ -637,7 +724,7 @@ HostedExpert ExpertStore::load(const std::string& expert_id) {
     throw std::runtime_error(snapshot_path.string() + ": cannot recover expert '" + expert_id + "': " + ex.what());
   }
   e.snapshot_version = e.weights.version;
-  e.snapshot_lsn = e.lsn;
+  e.snapshot_lsn = e.durable_lsn = e.released_lsn = e.lsn;
   e.policy = model::make_policy(options_.policy);
   publish(e);
   {
@@ -682,7 +769,7 @@ HostedExpert ExpertStore::load(const std::string& expert_id) {
       if (rec.pre_version < e.snapshot_version) continue;  // folded into the snapshot already
       if (e.policy->on_deadline(e.weights).verdict == model::Outcome::Verdict::applied) {
         ++e.versions_applied;
-        ++e.lsn;
+        e.durable_lsn = e.released_lsn = ++e.lsn;
         publish(e);
       }
       ++replayed;
@@ -704,6 +791,7 @@ HostedExpert ExpertStore::load(const std::string& expert_id) {
     if (::truncate((dir / "updates.log").c_str(), static_cast<off_t>(good)) != 0)
       throw std::runtime_error("cannot cut the torn tail off " + (dir / "updates.log").string() + ": " + errno_text());
   }
+  e.synced_bytes = static_cast<int64_t>(good);
   spdlog::info("{}: loaded expert '{}' at version {} (snapshot v{}, {} logged records replayed)", dir.string(),
                expert_id, e.weights.version, e.snapshot_version, replayed);
   return e;
@@ -729,7 +817,10 @@ json ExpertStore::status() const {
     for (const auto& [s, n] : e.staleness_histogram) hist[std::to_string(s)] = n;
     experts.push_back({{"expert_id", id},
                        {"domain", e.spec.domain},
-                       {"version", e.weights.version},
+                       {"version", e.published.version},  // what readers see, with "checksum"
+                       {"tip_version", e.weights.version},
+                       {"durable_lsn", e.durable_lsn},
+                       {"released_lsn", e.released_lsn},
                        {"policy", e.policy->name()},
                        {"pending", e.policy->pending().size()},
                        {"tensors", e.published.tensors.size()},

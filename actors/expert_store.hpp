@@ -50,6 +50,10 @@ struct ExpertStoreOptions {
   uint64_t snapshot_every = 16;    // versions between snapshots; the log covers the rest
   bool fsync = true;               // flush each accepted update to disk before acknowledging it
   uint64_t id_retention = 65536;   // accepted update ids remembered for duplicate detection (at least)
+  // Readers (pulls) see a version once it is durable. A replicated shard turns this off and releases
+  // versions itself at its commit point (release()), so that no reader sees a version that a failover
+  // could take back.
+  bool release_on_durable = true;
 };
 
 // The store could not make an update durable (a full disk, an I/O error): nothing was applied.
@@ -85,12 +89,16 @@ struct HostedExpert {
   model::ExpertWeights weights;                      // CPU, the snapshot's dtype; never changed in place
   std::unique_ptr<model::AggregationPolicy> policy;
   std::deque<std::pair<uint64_t, model::TensorMap>> history;  // (version, immutable weights), newest last
-  net::ExpertSnapshot published;                     // the current version for pulls; never changes after publishing
+  net::ExpertSnapshot published;                     // the visible version for pulls; never changes after publishing
   mutable std::optional<uint64_t> published_checksum;  // of `published`, computed on demand
   uint64_t published_bytes = 0;
   // The expert's log (net/fedmoe.capnp LogEntry): the last entry held and the term it was written
   // under; the entries accepted since the current version (a primary's seed hands them on).
   uint64_t lsn = 0, term = 0;
+  uint64_t durable_lsn = 0;   // entries flushed to disk (all of them without a state directory)
+  uint64_t released_lsn = 0;  // entries readers may see (release(); with release_on_durable, the durable ones)
+  std::deque<std::pair<uint64_t, net::ExpertSnapshot>> unreleased;  // versions written, not yet visible, by lsn
+  int64_t synced_bytes = 0;   // the log's length at the last flush
   std::vector<net::LogEntry> pending_entries;
   std::set<std::string> seen;                        // accepted update ids (the retained window)
   std::deque<std::string> seen_order;                // the same ids, oldest first (for pruning)
@@ -128,7 +136,9 @@ class ExpertStore {
   // Unknown expert, repeated update id, and everything the policy refuses come back as a reject
   // with reason and detail; nothing throws on a peer's input. Throws StorageError when the update
   // cannot be made durable (the store is then as it was before).
-  PushResult push(const net::UpdatePush& update, uint64_t term = 0);
+  // With `defer`, the record is written but not flushed: a later flush() makes every deferred record
+  // durable with one fdatasync (group commit); until then the version is not visible.
+  PushResult push(const net::UpdatePush& update, uint64_t term = 0, bool defer = false);
 
   // FedAvg's round deadline for `expert_id`; true when a round closed (its entry in `entry`).
   // Throws StorageError like push.
@@ -138,11 +148,19 @@ class ExpertStore {
   // version takes the primary's weights as they are, so every replica holds the same bytes). An
   // entry already held is ignored. Throws ReplicaRefusal (older term, a gap, an expert not held)
   // or StorageError; nothing is applied then.
-  void append(const std::string& expert_id, const net::LogEntry& entry);
+  void append(const std::string& expert_id, const net::LogEntry& entry, bool defer = false);
+
+  // Makes every deferred record of the expert durable; returns the durable lsn. On failure every
+  // record since the last flush is cut off, the expert reloaded from disk, and StorageError thrown.
+  uint64_t flush(const std::string& expert_id);
+  // Readers may see versions up to entry `lsn` (at most the durable ones).
+  void release(const std::string& expert_id, uint64_t lsn);
 
   // What a primary seeds a replica with: the current version, its position and term, the pending
-  // entries and the retained update ids. Throws std::out_of_range for an expert not held.
-  net::ExpertSnapshot seed(const std::string& expert_id) const;
+  // entries and the retained update ids, after flushing what is deferred (a seed never carries
+  // what a failed flush could take back). Throws std::out_of_range for an expert not held, and
+  // StorageError like flush().
+  net::ExpertSnapshot seed(const std::string& expert_id);
   net::SnapshotReceipt receipt(const std::string& expert_id) const;
 
   bool contains(const std::string& expert_id) const { return experts_.count(expert_id) > 0; }
@@ -164,10 +182,15 @@ class ExpertStore {
   // Appends a record to the expert's log and flushes it; on failure cuts it back off, reloads the
   // expert from disk and throws StorageError.
   void log_record(HostedExpert& e, uint32_t kind, uint64_t pre_version, const std::vector<std::byte>& payload);
+  void flush(HostedExpert& e);
+  void make_visible(HostedExpert& e);
+  // Cuts the log back to `length` and reloads the expert from disk, keeping its counters; sets
+  // `failed` when even that is impossible. `why` says what went wrong first.
+  void restore(HostedExpert& e, int64_t length, const std::string& why);
   void log_entry(HostedExpert& e, const net::LogEntry& entry, uint64_t pre_version);
   // Applies an entry to `e` in memory (and logs it first unless replaying): the one path by which
   // replicas, and every store replaying its log, reach the primary's exact state.
-  void apply_entry(HostedExpert& e, const net::LogEntry& entry, bool replaying);
+  void apply_entry(HostedExpert& e, const net::LogEntry& entry, bool replaying, bool defer = false);
   void count_accepted(HostedExpert& e, const net::UpdatePush& u, uint64_t staleness);
   HostedExpert load(const std::string& expert_id);
   void recover(const std::string& expert_id);

@@ -298,6 +298,8 @@ void on_message(Self* self, const net::Message& m) {
     rec.staleness = ack->staleness;
     rec.weight = ack->weight;
     ++st.accepted;
+    spdlog::info("{}: update '{}' of '{}' acknowledged at v{}", st.options.worker_id, ack->update_id, ack->expert_id,
+                 ack->new_version);
     return finish_round(self, rec);
   }
   if (auto* rej = std::get_if<net::UpdateReject>(&m.body)) {

@@ -629,12 +629,12 @@ int run_expert(const ExpertFlags& f) {
   return 0;
 }
 
-int run_status(const std::string& target) {
+int run_status(const std::string& target, bool verbose) {
   auto ep = must_parse(target, "--coordinator");
   NodeSystem node;
   auto actor = node.connect(ep.host, ep.port);
   std::string error;
-  auto json = node_status(node, actor, std::chrono::milliseconds(10'000), &error);
+  auto json = node_status(node, actor, std::chrono::milliseconds(10'000), &error, verbose);
   if (!json) {
     std::cerr << "fedmoe-node status: " << error << std::endl;
     return 1;
@@ -861,12 +861,14 @@ int node_main(int argc, char** argv) {
   std::string status_target;
   auto* status = app.add_subcommand("status", "print a node's status as JSON");
   status->add_option("--coordinator", status_target, "HOST:PORT of the node to ask")->required();
+  bool status_verbose = false;
+  status->add_flag("--verbose", status_verbose, "with the bulky parts (a shard's retained update ids)");
 
   try {
     app.parse(argc, argv);
     nf.workers_given = workers_opt->count() > 0;
     if (push->parsed()) return run_push(pf);
-    if (status->parsed()) return run_status(status_target);
+    if (status->parsed()) return run_status(status_target, status_verbose);
     if (expert->parsed()) return run_expert(ef);
     if (ask->parsed()) return run_ask(af);
     if (nf.role.empty()) throw CLI::RequiredError("--role");

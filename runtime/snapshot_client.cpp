@@ -126,8 +126,8 @@ std::optional<net::PlacementMap> register_expert(NodeSystem& node, const caf::ac
 }
 
 std::optional<std::string> node_status(NodeSystem& node, const caf::actor& target, std::chrono::milliseconds timeout,
-                                       std::string* error) {
-  auto reply = call(node, target, net::StatusRequest{next_correlation_id(), true}, timeout, error);
+                                       std::string* error, bool verbose) {
+  auto reply = call(node, target, net::StatusRequest{next_correlation_id(), verbose}, timeout, error);
   if (!reply) return std::nullopt;
   auto* st = std::get_if<net::StatusReply>(&reply->body);
   if (!st) {

@@ -60,8 +60,9 @@ std::optional<net::PlacementMap> register_expert(NodeSystem& node, const caf::ac
 std::optional<net::GenerateReply> ask_router(NodeSystem& node, const caf::actor& router, net::GenerateRequest request,
                                              std::chrono::milliseconds timeout, std::string* error);
 
-// The shard's status document (JSON text), or nullopt with `error` set.
+// The node's status document (JSON text), or nullopt with `error` set. `verbose` asks for the
+// bulky parts too (a shard's retained update ids).
 std::optional<std::string> node_status(NodeSystem& node, const caf::actor& target, std::chrono::milliseconds timeout,
-                                       std::string* error);
+                                       std::string* error, bool verbose = false);
 
 }  // namespace fedmoe::runtime
