@@ -82,6 +82,12 @@ class Child {
     }
   }
 
+  // Collects whatever output is waiting, without blocking (a child whose pipe fills up stops).
+  void drain() {
+    while (read_some(std::chrono::milliseconds(1))) {
+    }
+  }
+
   bool alive() const { return !exited_ && ::kill(pid_, 0) == 0 && ::waitpid(pid_, nullptr, WNOHANG) == 0; }
   void signal(int sig) { ::kill(pid_, sig); }
 

@@ -506,7 +506,7 @@ TEST_CASE("acks=all: a silent replica leaves the in-sync set, fewer than min-ins
   CHECK(fedmoe::test::status_of(node, shards[primary])["replication"]["isr_expands_asked"].get<int>() >= 1);
 }
 
-TEST_CASE("fencing: a replica refuses an older term and entries without its term's seed, holds back entries that overtook others; a primary without its lease acknowledges nothing",
+TEST_CASE("fencing: a replica refuses an older term and entries without its term's seed, holds back entries that overtook others - a primary without its lease acknowledges nothing",
           "[coordinator][replication]") {
   const auto timeout = std::chrono::milliseconds(10'000);
   runtime::NodeSystem node;

@@ -499,7 +499,7 @@ TEST_CASE("replicated log: a restarted primary replays to the bytes it acknowled
   }
 }
 
-TEST_CASE("replicated log: older terms, gaps and stale seeds are refused; a newer term's seed replaces a tail",
+TEST_CASE("replicated log: older terms, gaps and stale seeds are refused, a newer term's seed replaces a tail",
           "[store][replication]") {
   actors::ExpertStore primary(options("fedasync")), replica(options("fedasync"));
   primary.install(initial());
