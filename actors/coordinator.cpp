@@ -54,7 +54,7 @@ void send_peers(Self* self, const std::string& id) {
   for (const auto& [peer, pm] : self->state.registry->members())
     if (peer != id && pm.alive && pm.role == net::Role::shard)
       if (auto h = self->state.handles.find(peer); h != self->state.handles.end())
-        self->send(to->second, peer_atom::value, peer, h->second);
+        self->send(to->second, peer_atom::value, peer, h->second, pm.endpoint);
 }
 
 void share_peers(Self* self) {

@@ -289,6 +289,21 @@ void replication_tick(Self* self) {
   }
 }
 
+// A replica's handle: a new one (a restarted replica) may be behind and holds no seed of this term:
+// it gets one.
+void set_peer(Self* self, const std::string& shard, caf::actor handle) {
+  auto& st = self->state;
+  auto& known = st.peers[shard];
+  const bool restarted = known && known != handle;
+  known = std::move(handle);
+  for (auto& [expert, l] : st.leading) {
+    auto f = l.followers.find(shard);
+    if (f == l.followers.end()) continue;
+    if (restarted || (!f->second.synced && f->second.seed_correlation == 0))
+      seed(self, expert, shard, restarted ? "it restarted" : "reachable now");
+  }
+}
+
 // The coordinator's latest word on the experts this shard holds a replica of.
 void on_placement(Self* self, const net::PlacementMap& map) {
   auto& st = self->state;
@@ -783,6 +798,7 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
   self->set_down_handler([=](const caf::down_msg& down) {
     for (auto& [expert, subs] : self->state.subscribers)
       for (auto it = subs.begin(); it != subs.end();) it = it->address() == down.source ? subs.erase(it) : std::next(it);
+    peer_down(self, self->state.peers, self->state.peer_endpoint, down.source);  // connected again
   });
   return {
       [=](join_atom, caf::actor coordinator, std::string endpoint) {
@@ -794,18 +810,20 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
                         std::move(endpoint), std::move(coordinator_endpoint));
       },
       [=](coordinator_atom, caf::actor coordinator) { self->state.membership.coordinator = std::move(coordinator); },
-      [=](peer_atom, const std::string& shard, caf::actor handle) {
+      [=](peer_atom, const std::string& shard, caf::actor handle) { set_peer(self, shard, std::move(handle)); },
+      [=](peer_atom, const std::string& shard, caf::actor handle, const std::string& endpoint) {
+        // The coordinator's introduction: a shard published at an endpoint is reached over a
+        // connection of this shard's own (actors/membership.hpp), one in this process directly.
         auto& st = self->state;
-        auto& known = st.peers[shard];
-        const bool restarted = known && known != handle;
-        known = std::move(handle);
-        for (auto& [expert, l] : st.leading) {
-          auto f = l.followers.find(shard);
-          if (f == l.followers.end()) continue;
-          // A restarted replica may be behind, and holds no seed of this term: it gets one.
-          if (restarted || (!f->second.synced && f->second.seed_correlation == 0))
-            seed(self, expert, shard, restarted ? "it restarted" : "reachable now");
-        }
+        if (endpoint.empty()) return set_peer(self, shard, std::move(handle));
+        auto known = st.peer_endpoint.find(shard);
+        if (known == st.peer_endpoint.end() || known->second != endpoint || !st.peers[shard])
+          connect_peer(self, &st.peer_endpoint, shard, endpoint);
+      },
+      [=](direct_peer_atom, const std::string& shard, caf::actor handle) { set_peer(self, shard, std::move(handle)); },
+      [=](reconnect_peer_atom, const std::string& shard) {
+        auto it = self->state.peer_endpoint.find(shard);
+        if (it != self->state.peer_endpoint.end()) connect_peer(self, &self->state.peer_endpoint, shard, it->second);
       },
       [=](flush_atom) { flush_all(self); },
       [=](replication_tick_atom) {

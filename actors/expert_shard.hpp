@@ -87,7 +87,8 @@ struct ExpertShardState {
   std::map<std::string, uint64_t> synced_term;          // expert -> term of the seed this replica holds
   std::map<std::string, std::map<uint64_t, net::LogEntry>> early;  // expert -> entries ahead of a gap, by lsn
   std::map<std::string, std::string> primary;           // expert -> primary named by the latest map
-  std::map<std::string, caf::actor> peers;              // shard id -> handle (from the coordinator)
+  std::map<std::string, caf::actor> peers;              // shard id -> handle
+  std::map<std::string, std::string> peer_endpoint;     // shard id -> endpoint connected to directly
   int64_t lease_ms = 0;                  // the coordinator's lease (HelloAck); 0 = not in a federation yet
   int64_t last_coordinator_ms = 0;       // when the coordinator last answered
   uint64_t next_correlation = 1;

@@ -109,6 +109,43 @@ caf::actor spawn_coordinator_link(caf::event_based_actor* owner, std::shared_ptr
                                    std::move(m));
 }
 
+void connect_peer(caf::event_based_actor* self, std::map<std::string, std::string>* endpoints, const std::string& shard,
+                  const std::string& endpoint) {
+  (*endpoints)[shard] = endpoint;
+  auto ep = net::parse_endpoint(endpoint);
+  if (!ep) return;
+  auto retry = [=] {
+    auto it = endpoints->find(shard);
+    if (it != endpoints->end() && it->second == endpoint)
+      self->delayed_send(self, std::chrono::milliseconds(500), reconnect_peer_atom::value, shard);
+  };
+  auto mm = self->home_system().middleman().actor_handle();
+  self->request(mm, caf::infinite, caf::connect_atom::value, ep->host, ep->port)
+      .then(
+          [=](const caf::node_id&, caf::strong_actor_ptr& ptr, const std::set<std::string>&) {
+            auto it = endpoints->find(shard);
+            if (it == endpoints->end() || it->second != endpoint) return;  // the shard moved on meanwhile
+            auto handle = caf::actor_cast<caf::actor>(ptr);
+            if (!handle) return retry();
+            self->monitor(handle);
+            spdlog::info("connected to shard {} at {}", shard, endpoint);
+            self->send(self, direct_peer_atom::value, shard, std::move(handle));
+          },
+          [=](caf::error& err) {
+            spdlog::warn("cannot connect to shard {} at {}: {}", shard, endpoint, caf::to_string(err));
+            retry();
+          });
+}
+
+void peer_down(caf::event_based_actor* self, const std::map<std::string, caf::actor>& peers,
+               const std::map<std::string, std::string>& endpoints, const caf::actor_addr& source) {
+  for (const auto& [shard, handle] : peers)
+    if (handle && handle.address() == source && endpoints.count(shard)) {
+      spdlog::info("lost the connection to shard {}; connecting again", shard);
+      self->delayed_send(self, std::chrono::milliseconds(200), reconnect_peer_atom::value, shard);
+    }
+}
+
 void join_federation(caf::event_based_actor* owner, std::shared_ptr<net::Transport> transport, Membership& m,
                      caf::actor& link, caf::actor coordinator, std::string endpoint, std::string coordinator_endpoint) {
   if (link) return;

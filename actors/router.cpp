@@ -429,6 +429,9 @@ caf::behavior router(Self* self, std::shared_ptr<net::Transport> transport, Rout
   mem.hello.node_id = st.options.node_id;
   mem.hello.role = net::Role::router;
   st.link = spawn_coordinator_link(self, st.transport, mem);
+  self->set_down_handler([=](const caf::down_msg& down) {
+    peer_down(self, self->state.shards, self->state.peer_endpoint, down.source);  // connected again
+  });
   return {
       [=](join_atom, caf::actor coordinator, std::string endpoint) {
         join_federation(self, self->state.transport, self->state.options.membership, self->state.link,
@@ -442,6 +445,22 @@ caf::behavior router(Self* self, std::shared_ptr<net::Transport> transport, Rout
         self->state.options.membership.coordinator = std::move(coordinator);
       },
       [=](peer_atom, const std::string& shard, caf::actor handle) { self->state.shards[shard] = std::move(handle); },
+      [=](peer_atom, const std::string& shard, caf::actor handle, const std::string& endpoint) {
+        // A shard published at an endpoint is reached over a connection of the router's own.
+        auto& st = self->state;
+        if (endpoint.empty()) {
+          st.shards[shard] = std::move(handle);
+          return;
+        }
+        auto known = st.peer_endpoint.find(shard);
+        if (known == st.peer_endpoint.end() || known->second != endpoint || !st.shards[shard])
+          connect_peer(self, &st.peer_endpoint, shard, endpoint);
+      },
+      [=](direct_peer_atom, const std::string& shard, caf::actor handle) { self->state.shards[shard] = std::move(handle); },
+      [=](reconnect_peer_atom, const std::string& shard) {
+        auto it = self->state.peer_endpoint.find(shard);
+        if (it != self->state.peer_endpoint.end()) connect_peer(self, &self->state.peer_endpoint, shard, it->second);
+      },
       [=](fetch_timeout_atom, uint64_t correlation) {
         auto it = self->state.fetch_of.find(correlation);
         if (it == self->state.fetch_of.end()) return;

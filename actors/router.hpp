@@ -81,6 +81,7 @@ struct RouterState {
   RouterOptions options;
   std::shared_ptr<net::Transport> transport;
   std::map<std::string, caf::actor> shards;                  // shard id -> handle
+  std::map<std::string, std::string> peer_endpoint;          // shard id -> endpoint connected to directly
   std::map<std::string, std::vector<std::string>> placement; // expert -> live shard ids
   uint64_t placement_epoch = 0;
   caf::actor link;                                           // to the coordinator (actors/membership.hpp)

@@ -83,7 +83,13 @@ void follow_placement(Self* self) {
       ids.push_back(id);
       handles.push_back(p->second);
     }
-  if (handles.empty() || ids == st.replica_ids) return;
+  if (handles.empty()) return;
+  if (ids == st.replica_ids) {
+    // The same replicas, one with a new handle (restarted, or reached over a connection of its own):
+    // later requests go there; one in flight keeps waiting (its answer is matched by correlation).
+    st.options.replicas = std::move(handles);
+    return;
+  }
   std::string list;
   for (const auto& id : ids) list += (list.empty() ? "" : ", ") + id;
   spdlog::info("{}: replicas of '{}' are now {}", st.options.worker_id, st.options.expert_id, list);
@@ -360,6 +366,9 @@ caf::behavior worker(Self* self, std::shared_ptr<net::Transport> transport, Work
   mem.hello.declared_speed = 1.0 / std::max(self->state.options.speed_factor, 1e-9);
   self->state.link = spawn_coordinator_link(self, self->state.transport, mem);
   self->send(self, pull_atom::value);
+  self->set_down_handler([=](const caf::down_msg& down) {
+    peer_down(self, self->state.peers, self->state.peer_endpoint, down.source);  // connected again
+  });
   return {
       [=](pull_atom) { pull(self); },
       [=](push_again_atom) {
@@ -371,6 +380,25 @@ caf::behavior worker(Self* self, std::shared_ptr<net::Transport> transport, Work
       [=](peer_atom, const std::string& shard, caf::actor handle) {
         self->state.peers[shard] = std::move(handle);
         follow_placement(self);
+      },
+      [=](peer_atom, const std::string& shard, caf::actor handle, const std::string& endpoint) {
+        // A shard published at an endpoint is reached over a connection of the worker's own.
+        auto& st = self->state;
+        if (endpoint.empty()) {
+          st.peers[shard] = std::move(handle);
+          return follow_placement(self);
+        }
+        auto known = st.peer_endpoint.find(shard);
+        if (known == st.peer_endpoint.end() || known->second != endpoint || !st.peers[shard])
+          connect_peer(self, &st.peer_endpoint, shard, endpoint);
+      },
+      [=](direct_peer_atom, const std::string& shard, caf::actor handle) {
+        self->state.peers[shard] = std::move(handle);
+        follow_placement(self);
+      },
+      [=](reconnect_peer_atom, const std::string& shard) {
+        auto it = self->state.peer_endpoint.find(shard);
+        if (it != self->state.peer_endpoint.end()) connect_peer(self, &self->state.peer_endpoint, shard, it->second);
       },
       [=](coordinator_atom, caf::actor coordinator) {
         self->state.options.membership.coordinator = std::move(coordinator);

@@ -95,6 +95,7 @@ struct WorkerState {
   // Following the placement: with a coordinator, the worker's replicas are the expert's live replicas
   // in the latest map (primary first), reached through the shard handles the coordinator sends.
   std::map<std::string, caf::actor> peers;  // shard id -> handle
+  std::map<std::string, std::string> peer_endpoint;  // shard id -> endpoint connected to directly
   std::vector<std::string> placed;          // our expert's live replicas in the latest map
   std::vector<std::string> replica_ids;     // ids of options.replicas when they came from the map
   bool stalled = false;                     // a pull found no replica: the next map restarts it

