@@ -816,6 +816,7 @@ caf::behavior expert_shard_node(Self* self, std::string node_id, std::shared_ptr
         // connection of this shard's own (actors/membership.hpp), one in this process directly.
         auto& st = self->state;
         if (endpoint.empty()) return set_peer(self, shard, std::move(handle));
+        if (!st.peers[shard]) set_peer(self, shard, handle);  // until its own connection is up (the same actor)
         auto known = st.peer_endpoint.find(shard);
         if (known == st.peer_endpoint.end() || known->second != endpoint || !st.peers[shard])
           connect_peer(self, &st.peer_endpoint, shard, endpoint);

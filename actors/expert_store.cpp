@@ -398,17 +398,11 @@ PushResult ExpertStore::push(const net::UpdatePush& u, uint64_t term, bool defer
 }
 
 PushResult ExpertStore::fold(HostedExpert& e, const net::UpdatePush& u, bool replaying) {
-  model::ClientUpdate cu;
-  cu.update_id = u.update_id;
-  cu.worker_id = u.worker_id;
-  cu.base_version = u.base_version;
-  cu.sample_count = u.sample_count;
-  cu.train_loss = u.train_loss;
-  for (const auto& t : u.deltas) {
-    if (cu.delta.count(t.name))
+  std::set<std::string> names;
+  for (const auto& t : u.deltas)
+    if (!names.insert(t.name).second)
       return refused(e, u, net::RejectReason::shape_mismatch, "tensor '" + t.name + "' appears twice");
-    cu.delta.emplace(t.name, from_wire(t));
-  }
+  const auto cu = client_update_of(u);
   const model::TensorMap* base = nullptr;
   for (const auto& [version, weights] : e.history)
     if (version == u.base_version) base = &weights;

@@ -448,9 +448,9 @@ caf::behavior router(Self* self, std::shared_ptr<net::Transport> transport, Rout
       [=](peer_atom, const std::string& shard, caf::actor handle, const std::string& endpoint) {
         // A shard published at an endpoint is reached over a connection of the router's own.
         auto& st = self->state;
-        if (endpoint.empty()) {
-          st.shards[shard] = std::move(handle);
-          return;
+        if (endpoint.empty() || !st.shards[shard]) {  // (until its own connection is up: the same actor)
+          st.shards[shard] = handle;
+          if (endpoint.empty()) return;
         }
         auto known = st.peer_endpoint.find(shard);
         if (known == st.peer_endpoint.end() || known->second != endpoint || !st.shards[shard])

