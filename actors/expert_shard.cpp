@@ -490,7 +490,7 @@ void flush_all(Self* self) {
     } catch (const std::exception& e) {
       refused = std::string("storage_error: ") + e.what();
     }
-    if (const auto* e = st.store->find(expert)) st.store->release(expert, std::min(due.committed, e->durable_lsn));
+    st.store->release(expert, due.committed);  // (the store shows no more than it holds on disk)
     send_to(self, due.primary, 0, replica_state(self, expert, refused));
   }
   announce_versions(self);
@@ -583,7 +583,7 @@ void on_append(Self* self, const net::Message& m, const net::ReplicaAppend& a) {
   if (leadership(self, a.expert_id)) step_down(self, a.expert_id, m.sender_id + " appends under term " + std::to_string(a.term));
   if (st.synced_term[a.expert_id] != a.term) return reply(self, 0, replica_state(self, a.expert_id, "need_snapshot"));
   if (a.entries.empty()) {  // the primary's commit point moved: readers may see what it covers
-    if (const auto* e = st.store->find(a.expert_id)) st.store->release(a.expert_id, std::min(a.committed_lsn, e->durable_lsn));
+    st.store->release(a.expert_id, a.committed_lsn);
     return;
   }
   const auto* held = st.store->find(a.expert_id);

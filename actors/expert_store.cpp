@@ -165,6 +165,13 @@ model::ClientUpdate client_update_of(const net::UpdatePush& u) {
   return cu;
 }
 
+// Every weight of a version, as wire tensors viewing the same memory (no copy).
+std::vector<net::Tensor> wire_tensors(const model::TensorMap& weights) {
+  std::vector<net::Tensor> out;
+  for (const auto& [name, t] : weights) out.push_back(to_wire(name, t));
+  return out;
+}
+
 std::string hex16(uint64_t v) {
   char buf[17];
   std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
@@ -214,8 +221,7 @@ void ExpertStore::publish(HostedExpert& e, std::vector<net::Tensor> tensors) {
   net::ExpertSnapshot snap;
   snap.spec = e.spec;
   snap.version = e.weights.version;
-  if (tensors.empty())
-    for (const auto& [name, t] : e.weights.weights) tensors.push_back(to_wire(name, t));
+  if (tensors.empty()) tensors = wire_tensors(e.weights.weights);
   snap.tensors = std::move(tensors);
   e.history.emplace_back(e.weights.version, e.weights.weights);
   while (e.history.size() > std::max<uint64_t>(options_.history_versions, 1)) e.history.pop_front();
@@ -264,7 +270,9 @@ void ExpertStore::flush(HostedExpert& e) {
 
 void ExpertStore::release(const std::string& expert_id, uint64_t lsn) {
   auto it = experts_.find(expert_id);
-  if (it == experts_.end() || lsn <= it->second.released_lsn) return;
+  if (it == experts_.end()) return;
+  lsn = std::min(lsn, it->second.durable_lsn);  // never what a failed flush could take back
+  if (lsn <= it->second.released_lsn) return;
   it->second.released_lsn = lsn;
   make_visible(it->second);
 }
@@ -293,7 +301,7 @@ net::ExpertSnapshot ExpertStore::seed(const std::string& expert_id) {
   if (e.unreleased.empty() && e.published.version == e.weights.version)
     snap.tensors = e.published.tensors;
   else
-    for (const auto& [name, t] : e.weights.weights) snap.tensors.push_back(to_wire(name, t));
+    snap.tensors = wire_tensors(e.weights.weights);
   snap.seen_update_ids.assign(e.seen_order.begin(), e.seen_order.end());
   snap.term = e.term;
   snap.lsn = e.lsn;
@@ -423,7 +431,7 @@ PushResult ExpertStore::fold(HostedExpert& e, const net::UpdatePush& u, bool rep
   entry.weight = outcome.weight;
   if (r.applied) {
     entry.update.deltas.clear();
-    for (const auto& [name, t] : e.weights.weights) entry.tensors.push_back(to_wire(name, t));
+    entry.tensors = wire_tensors(e.weights.weights);
   }
   // Write-ahead: the new version (or the buffered update) is in memory but published nowhere yet; it
   // becomes visible only once its record is on disk. A failed write restores the expert (and throws).
@@ -546,7 +554,7 @@ bool ExpertStore::close_round(const std::string& expert_id, uint64_t term, net::
   entry.term = e.term;
   entry.kind = net::EntryKind::round_closed;
   entry.version = e.weights.version;
-  for (const auto& [name, t] : e.weights.weights) entry.tensors.push_back(to_wire(name, t));
+  entry.tensors = wire_tensors(e.weights.weights);
   if (e.log_fd >= 0) log_entry(e, entry, pre_version);
   e.lsn = entry.lsn;
   if (e.log_fd < 0) e.durable_lsn = e.lsn;

@@ -153,7 +153,7 @@ class ExpertStore {
   // Makes every deferred record of the expert durable; returns the durable lsn. On failure every
   // record since the last flush is cut off, the expert reloaded from disk, and StorageError thrown.
   uint64_t flush(const std::string& expert_id);
-  // Readers may see versions up to entry `lsn` (at most the durable ones).
+  // Readers may see versions up to entry `lsn`, or up to the last durable entry if that is earlier.
   void release(const std::string& expert_id, uint64_t lsn);
 
   // What a primary seeds a replica with: the current version, its position and term, the pending

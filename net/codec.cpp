@@ -635,6 +635,16 @@ class MessageReader {
     return t;
   }
 
+  // A list of ids (names, update ids, shard ids): bounded, each one checked like a single id.
+  std::vector<std::string> ids(capnp::List<capnp::Text>::Reader l, const char* field) {
+    check_count(l.size(), limits_.max_list_elements, field, "max_list_elements");
+    const std::string element = std::string(field) + "[]";
+    std::vector<std::string> out;
+    out.reserve(l.size());
+    for (auto t : l) out.push_back(id(t, element.c_str(), Presence::required));
+    return out;
+  }
+
   std::vector<Tensor> tensors(capnp::List<s::Tensor>::Reader l, const char* field) {
     check_count(l.size(), limits_.max_tensors, field, "max_tensors");
     std::vector<Tensor> out;
@@ -692,12 +702,7 @@ class MessageReader {
     x.lora_rank = r.getLoraRank();
     x.lora_alpha = r.getLoraAlpha();
     x.lora_dropout = r.getLoraDropout();
-    const auto modules = r.getTargetModules();
-    check_count(modules.size(), limits_.max_list_elements, "expertSpec.targetModules", "max_list_elements");
-    x.target_modules.reserve(modules.size());
-    for (auto m : modules) {
-      x.target_modules.push_back(id(m, "expertSpec.targetModules[]", Presence::required));
-    }
+    x.target_modules = ids(r.getTargetModules(), "expertSpec.targetModules");
     x.base_model_id = text(r.getBaseModelId(), "expertSpec.baseModelId");
     x.use_rslora = r.getUseRslora();
     x.removed = r.getRemoved();
@@ -717,10 +722,7 @@ class MessageReader {
     x.spec = read(r.getSpec());
     x.version = r.getVersion();
     x.tensors = tensors(r.getTensors(), "expertSnapshot.tensors");
-    const auto seen = r.getSeenUpdateIds();
-    check_count(seen.size(), limits_.max_list_elements, "expertSnapshot.seenUpdateIds", "max_list_elements");
-    x.seen_update_ids.reserve(seen.size());
-    for (auto s : seen) x.seen_update_ids.push_back(id(s, "expertSnapshot.seenUpdateIds[]", Presence::required));
+    x.seen_update_ids = ids(r.getSeenUpdateIds(), "expertSnapshot.seenUpdateIds");
     x.term = r.getTerm();
     x.lsn = r.getLsn();
     x.pending = entries(r.getPending(), "expertSnapshot.pending");
@@ -773,9 +775,7 @@ class MessageReader {
     IsrChange x;
     x.expert_id = id(r.getExpertId(), "isrChange.expertId", Presence::required);
     x.term = r.getTerm();
-    const auto isr = r.getInSync();
-    check_count(isr.size(), limits_.max_list_elements, "isrChange.inSync", "max_list_elements");
-    for (auto s : isr) x.in_sync.push_back(id(s, "isrChange.inSync[]", Presence::required));
+    x.in_sync = ids(r.getInSync(), "isrChange.inSync");
     x.reason = text(r.getReason(), "isrChange.reason");
     return x;
   }
@@ -841,9 +841,7 @@ class MessageReader {
     x.expert_id = id(r.getExpertId(), "expertPlacement.expertId", Presence::required);
     x.replicas = list<Replica>(r.getReplicas(), "expertPlacement.replicas");
     x.term = r.getTerm();
-    const auto isr = r.getInSync();
-    check_count(isr.size(), limits_.max_list_elements, "expertPlacement.inSync", "max_list_elements");
-    for (auto s : isr) x.in_sync.push_back(id(s, "expertPlacement.inSync[]", Presence::required));
+    x.in_sync = ids(r.getInSync(), "expertPlacement.inSync");
     x.min_in_sync = r.getMinInSync();
     return x;
   }
